@@ -1,0 +1,348 @@
+"""Penn Treebank (and any plain-text corpus) as a LightningDataModule.
+
+`prepare_data` finds or downloads the split files, verifies them, builds the
+vocabulary from the training split and caches every split as token ids, once.
+`setup` only loads that cache. Batches are made by slicing one token tensor,
+never tensor-per-sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lmlab.errors import UserError
+from lmlab.vocab import Vocabulary, tokenize
+
+SPLITS = ("train", "valid", "test")
+IGNORE_INDEX = -100  # target value of padding positions; cross-entropy skips them
+CACHE_FORMAT = 1  # bump when the cached files change meaning
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder.
+
+    The temporary file shares the destination's file system, so the final
+    rename is atomic: readers see the old file or the new one, never half.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(url: str, dest: Path, md5: str | None = None, timeout: float = 30.0) -> None:
+    """Fetch `url` into `dest`, verifying `md5` before the file appears at `dest`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise UserError(f"could not download {url}: {reason}") from None
+    if md5 is not None and hashlib.md5(data).hexdigest() != md5:
+        raise UserError(
+            f"downloaded {url} has md5 {hashlib.md5(data).hexdigest()}, expected {md5}; "
+            "the source may have changed or the transfer was corrupted"
+        )
+    write_atomically(dest, data)
+
+
+class TokenBlocks(Dataset):
+    """Fixed-length blocks of a token stream with next-token targets.
+
+    The stream starts with `<eos>` (the end of an imaginary previous line), so
+    the first real token is predicted too and the targets are exactly the
+    split's tokens. With `pad_last`, the final short block is padded (inputs
+    with `<eos>`, targets with IGNORE_INDEX) so every token is a target once.
+    """
+
+    def __init__(self, tokens: Tensor, seq_len: int, pad_last: bool, eos_id: int = 0) -> None:
+        stream = torch.cat([torch.tensor([eos_id], dtype=torch.long), tokens.long()])
+        inputs, targets = stream[:-1], stream[1:]
+        if pad_last:
+            pad = -len(targets) % seq_len
+            inputs = torch.cat([inputs, inputs.new_full((pad,), eos_id)])
+            targets = torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)])
+        else:
+            usable = len(targets) // seq_len * seq_len
+            inputs, targets = inputs[:usable], targets[:usable]
+        self.inputs = inputs.view(-1, seq_len)  # (num_blocks, seq_len)
+        self.targets = targets.view(-1, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.inputs[index], self.targets[index]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate function for `TokenBlocks.__getitems__`, which already returns a batch."""
+    return batch
+
+
+class BlockBatches(Sampler[list[int]]):
+    """Batches of block indices, shuffled per epoch by a seeded generator, sharded by rank.
+
+    Training: every rank gets the same number of full batches. Evaluation
+    (`shuffle=False`): blocks in order, batch `i` goes to rank `i % world_size`,
+    nothing is repeated or dropped, so a reduced metric covers the split once.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_blocks, generator=generator)
+            per_rank = self.num_blocks // self.world_size // self.batch_size
+            mine = order[self.rank :: self.world_size][: per_rank * self.batch_size]
+            return mine.view(per_rank, self.batch_size).tolist()
+        order = torch.arange(self.num_blocks)
+        return [b.tolist() for b in order.split(self.batch_size)][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return self.num_blocks // self.world_size // self.batch_size
+        num_batches = -(-self.num_blocks // self.batch_size)
+        return len(range(self.rank, num_batches, self.world_size))
+
+
+class LMDataModule(L.LightningDataModule):
+    """A word-level corpus of three splits, each a text file with one sentence per line.
+
+    Args:
+        data_dir: folder holding the split files (relative paths are from the
+            current directory); missing files are downloaded there from `urls`.
+        files: split name (train, valid, test) to file name or path.
+        urls: split name to a download address, for corpora that have one.
+        md5: split name to the expected md5 of the file; checked on every run.
+        seq_len: tokens per block.
+        batch_size: training blocks per optimizer step (per process).
+        eval_batch_size: blocks per validation or test batch (default: batch_size).
+        cache_dir: where encoded splits are cached (default: ~/.cache/lmlab).
+        seed: seeds the per-epoch shuffling of training blocks.
+        num_workers: DataLoader worker processes (batches are slices: 0 is fastest).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        files: Mapping[str, str],
+        urls: Mapping[str, str] | None = None,
+        md5: Mapping[str, str] | None = None,
+        seq_len: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"data.{name} must be a positive integer, got {value!r}")
+        if eval_batch_size is not None and (
+            not isinstance(eval_batch_size, int) or eval_batch_size < 1
+        ):
+            raise UserError(
+                f"data.eval_batch_size must be a positive integer, got {eval_batch_size!r}"
+            )
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise UserError(f"data.num_workers must be a non-negative integer, got {num_workers!r}")
+        missing = [split for split in SPLITS if split not in files]
+        if missing:
+            raise UserError(
+                f"data.files needs a file for each split; missing: {', '.join(missing)}"
+            )
+        self.data_dir = Path(data_dir).expanduser()
+        self.paths = {split: self.data_dir / str(files[split]) for split in SPLITS}
+        self.urls = dict(urls or {})
+        self.md5 = dict(md5 or {})
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.cache_root = Path(cache_dir or Path.home() / ".cache" / "lmlab").expanduser()
+        self.seed = seed
+        self.num_workers = num_workers
+        self.cache_path: Path | None = None  # set by prepare_data
+        self.tokens: dict[str, Tensor] = {}
+
+    # -- preparing: find or download, verify, encode once ------------------
+
+    def _fetch_missing(self) -> None:
+        missing = [s for s in SPLITS if not self.paths[s].is_file()]
+        if not missing:
+            return
+        names = ", ".join(self.paths[s].name for s in SPLITS)
+        if any(s not in self.urls for s in missing):
+            raise UserError(
+                f"{self.paths[missing[0]]} not found: put {names} in {self.data_dir} "
+                "or point data.data_dir at the folder that holds them"
+            )
+        for split in missing:
+            try:
+                download(self.urls[split], self.paths[split], self.md5.get(split))
+            except UserError as error:
+                raise UserError(
+                    f"{error}; offline? put {names} in {self.data_dir} "
+                    "or point data.data_dir at the folder that holds them"
+                ) from None
+
+    def _verify(self) -> dict[str, str]:
+        digests = {}
+        for split in SPLITS:
+            path = self.paths[split]
+            if path.stat().st_size == 0:
+                raise UserError(f"{path} is empty; replace it with the {split} split")
+            digests[split] = file_md5(path)
+            expected = self.md5.get(split)
+            if expected is not None and digests[split] != expected:
+                raise UserError(
+                    f"{path} has md5 {digests[split]}, expected {expected}: the file is truncated "
+                    "or not the expected corpus; delete it to download it again, or replace it"
+                )
+        return digests
+
+    def prepare_data(self) -> None:
+        self._fetch_missing()
+        digests = self._verify()
+        key = hashlib.sha256(json.dumps([CACHE_FORMAT, digests]).encode()).hexdigest()[:16]
+        self.cache_path = self.cache_root / key
+        if (
+            all((self.cache_path / f"{s}.npy").is_file() for s in SPLITS)
+            and (self.cache_path / "vocab.json").is_file()
+        ):
+            return
+        self._encode_splits()
+
+    def _encode_splits(self) -> None:
+        # HF datasets reads the text (and caches the Arrow tables) so that any
+        # plain-text corpus takes the same path as PTB.
+        import datasets
+
+        datasets.disable_progress_bars()
+        corpus = datasets.load_dataset(
+            "text",
+            data_files={s: str(self.paths[s]) for s in SPLITS},
+            cache_dir=str(self.cache_root / "hf"),
+        )
+        lines = {s: corpus[s]["text"] for s in SPLITS}
+        vocab = Vocabulary.build(lines["train"])
+        assert self.cache_path is not None
+        self.cache_path.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            ids = np.asarray(
+                vocab.encode(word for line in lines[split] for word in tokenize(line)),
+                dtype=np.int32,
+            )
+            write_atomically(self.cache_path / f"{split}.npy", _npy_bytes(ids))
+        write_atomically(
+            self.cache_path / "vocab.json", json.dumps({"words": vocab.words}).encode()
+        )
+
+    # -- loading ------------------------------------------------------------
+
+    @property
+    def vocab(self) -> Vocabulary:
+        if self.cache_path is None:
+            self.prepare_data()
+        return Vocabulary.load(self.cache_path / "vocab.json")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache_path is None:
+            self.prepare_data()
+        for split in SPLITS:
+            if split not in self.tokens:
+                array = np.load(self.cache_path / f"{split}.npy")
+                self.tokens[split] = torch.from_numpy(array)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        blocks = TokenBlocks(self.tokens[split], self.seq_len, pad_last=not shuffle)
+        rank, world_size = self._rank_and_world()
+        sampler = BlockBatches(len(blocks), batch_size, shuffle, self.seed, rank, world_size)
+        if shuffle and len(sampler) == 0:
+            raise UserError(
+                f"the {split} split has {len(blocks)} blocks of {self.seq_len} tokens, too few "
+                f"for one batch of {batch_size} per process; lower data.batch_size or data.seq_len"
+            )
+        return DataLoader(
+            blocks,
+            batch_sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

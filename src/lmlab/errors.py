@@ -1,0 +1,45 @@
+"""The one exception type for bad user input, and how entry points report it."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Something the user gave is wrong; the message says what and how to fix it."""
+
+
+def report_user_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Turn a `UserError` into one line on stderr and exit code 2.
+
+    Tracebacks are for bugs; a wrong path or value is not a bug.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except Exception as error:
+            user_error = _find_user_error(error)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+def _find_user_error(error: BaseException | None) -> UserError | None:
+    """The UserError behind `error`, also when a library wrapped it (Hydra's instantiate does)."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__
+    return None

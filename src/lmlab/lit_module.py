@@ -1,0 +1,104 @@
+"""LightningModule glue around `TransformerLM`: loss, perplexity, logging, optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.text import Perplexity
+
+from lmlab.data import IGNORE_INDEX
+from lmlab.model import TransformerConfig, TransformerLM
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+CHECKPOINT_KEY = "lmlab"  # where a checkpoint carries its model config and vocabulary
+CHECKPOINT_FORMAT = 1
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(
+        self,
+        model_config: TransformerConfig,
+        vocab_words: list[str],
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = TransformerLM(model_config)
+        if compile:
+            self.model.compile()  # in place, so state_dict keys stay clean
+        self.vocab_words = list(vocab_words)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        loss = self._loss(self.model(inputs), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        self.val_ppl.update(self.model(inputs).float(), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() sums log-probabilities and token counts over every batch
+        # (and every process), so this is the perplexity of the whole split.
+        ppl = self.val_ppl.compute()
+        self.val_ppl.reset()
+        self.log("val/ppl", ppl, prog_bar=True)
+        self.log("val/loss", ppl.log())
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        self.test_ppl.update(self.model(inputs).float(), targets)
+
+    def on_test_epoch_end(self) -> None:
+        ppl = self.test_ppl.compute()
+        self.test_ppl.reset()
+        self.log("test/ppl", ppl)
+        self.log("test/loss", ppl.log())
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                # matrices and embeddings decay; biases and LayerNorm gains do not
+                (decay if param.dim() >= 2 else no_decay).append(param)
+        optimizer = self.optimizer_factory(
+            [
+                {"params": decay},  # the optimizer's own weight_decay
+                {"params": no_decay, "weight_decay": 0.0},
+            ]
+        )
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.model.config.to_dict(),
+            "vocab": self.vocab_words,
+        }

@@ -1,0 +1,209 @@
+"""A decoder-only Transformer language model in plain PyTorch.
+
+Read top to bottom: the config, the KV cache, attention, MLP, block, then the
+model. No Lightning and no Hydra here; training and decoding wrap this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class TransformerConfig:
+    """Every number that defines the network; flat, so it travels as plain JSON."""
+
+    vocab_size: int = 10_000
+    block_size: int = 64  # longest context the positional table covers
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 256
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    bias: bool = True
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        self.head_dim = self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, int | float | bool]:
+        """The constructor arguments, as plain values (derived fields left out)."""
+        values = asdict(self)
+        del values["head_dim"]
+        return values
+
+
+PRESETS: dict[str, dict[str, int | float]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, dropout=0.0),
+    "small": dict(n_layer=2, n_head=4, n_embd=256, dropout=0.2),
+    "medium": dict(n_layer=6, n_head=8, n_embd=512, dropout=0.3),
+    "large": dict(n_layer=12, n_head=12, n_embd=768, dropout=0.3),
+}
+
+
+class KVCache:
+    """Keys and values of every layer for the positions decoded so far.
+
+    Preallocated once for `max_len` positions, so each decoding step writes one
+    position per layer instead of concatenating tensors.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len or config.block_size
+        if self.max_len > config.block_size:
+            raise ValueError(
+                f"a KV cache of {self.max_len} positions exceeds the model's "
+                f"block_size of {config.block_size}"
+            )
+        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; the next token goes at this position
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, nh, T, hd) keys and values after the filled part; return all of them."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > {self.max_len}")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (in that order), e.g. the surviving beams."""
+        self.keys = self.keys.index_select(1, index)
+        self.values = self.values.index_select(1, index)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, nh, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            start = cache.length
+            k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hd)
+            if T == 1:  # one new query sees every cached position
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:  # query i sits at position start + i and sees positions <= start + i
+                visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: TransformerConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_attn(x), cache)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_final = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T).
+
+        With a `cache`, `idx` continues the sequence the cache holds: its
+        positions start at `cache.length`, and the cache advances by T.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+            )
+        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x, cache)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.ln_final(x))  # (B, T, vocab)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count; the tied output layer is counted once."""
+        total = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            total -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+        return total
