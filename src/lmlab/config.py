@@ -24,18 +24,18 @@ def check_train_config(cfg: DictConfig) -> None:
     weight_decay = _value(cfg, "optimizer.weight_decay", default=0.0)
     _check(weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {weight_decay}")
 
-    model_args = {k: v for k, v in cfg.model.items() if k != "_target_"}
-    try:
-        TransformerConfig(**model_args)
-    except (TypeError, ValueError) as error:
-        raise UserError(str(error)) from None
-
     for key in ("data.seq_len", "data.batch_size"):
         value = cfg.get("data", {}).get(key.split(".")[1])
         _check(
             isinstance(value, int) and not isinstance(value, bool) and value >= 1,
             f"{key} must be a positive integer, got {value!r}",
         )
+
+    model_args = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    try:
+        TransformerConfig(**model_args)
+    except (TypeError, ValueError) as error:
+        raise UserError(str(error)) from None
 
     if cfg.get("scheduler") is not None:
         warmup = cfg.scheduler.get("warmup_steps", 0)

@@ -51,6 +51,7 @@ class LanguageModel(L.LightningModule):
         inputs, targets = batch
         loss = self._loss(self.model(inputs), targets)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -1,0 +1,180 @@
+import functools
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks, download
+from lmlab.errors import UserError
+from lmlab.vocab import tokenize
+
+FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
+
+
+def datamodule(folder: Path, cache: Path, **kwargs) -> LMDataModule:
+    args = dict(data_dir=str(folder), files=FILES, cache_dir=str(cache), seq_len=16, batch_size=4)
+    return LMDataModule(**{**args, **kwargs})
+
+
+def count_tokens(path: Path) -> int:
+    return sum(len(tokenize(line)) for line in path.read_text().splitlines())
+
+
+def test_token_counts_are_exact_and_vocabulary_comes_from_train(corpus_dir, cache_dir):
+    dm = datamodule(corpus_dir, cache_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    for split in ("train", "valid", "test"):
+        assert len(dm.tokens[split]) == count_tokens(corpus_dir / FILES[split])
+    train_words = {
+        w for line in (corpus_dir / FILES["train"]).read_text().splitlines() for w in line.split()
+    }
+    assert set(dm.vocab.words) == train_words | {"<eos>", "<unk>"}
+
+
+def test_training_blocks_shift_targets_by_one_token(corpus_dir, cache_dir):
+    dm = datamodule(corpus_dir, cache_dir)
+    dm.setup("fit")
+    stream = torch.cat([torch.tensor([0]), dm.tokens["train"].long()])
+    inputs, targets = next(iter(dm.train_dataloader()))
+    assert inputs.shape == targets.shape == (4, 16)
+    assert inputs.dtype == torch.long
+    for row_inputs, row_targets in zip(inputs, targets):
+        # find where this block starts in the stream: blocks are aligned to seq_len
+        starts = [
+            s for s in range(0, len(stream) - 16, 16) if torch.equal(stream[s : s + 16], row_inputs)
+        ]
+        assert starts, "a training block is not a slice of the token stream"
+        assert torch.equal(stream[starts[0] + 1 : starts[0] + 17], row_targets)
+
+
+def test_validation_predicts_every_token_exactly_once_in_order(corpus_dir, cache_dir):
+    dm = datamodule(corpus_dir, cache_dir, eval_batch_size=3)
+    dm.setup("validate")
+    targets = torch.cat([t.flatten() for _, t in dm.val_dataloader()])
+    real = targets[targets != IGNORE_INDEX]
+    assert torch.equal(real, dm.tokens["valid"].long())  # all of them, once, in order
+    assert (targets == IGNORE_INDEX).sum() < 16  # only the last block is padded
+
+
+def test_evaluation_batches_split_across_ranks_without_repeats():
+    for world_size in (1, 2, 3):
+        seen = []
+        for rank in range(world_size):
+            seen += [i for batch in BlockBatches(23, 4, False, 0, rank, world_size) for i in batch]
+        assert sorted(seen) == list(range(23))
+
+
+def test_training_order_is_seeded_per_epoch_and_ranks_are_disjoint():
+    sampler = BlockBatches(40, 4, shuffle=True, seed=7)
+    first = list(sampler)
+    assert first == list(BlockBatches(40, 4, shuffle=True, seed=7))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    ranks = [list(BlockBatches(40, 4, True, 7, rank, 2)) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5
+    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+
+
+def test_token_blocks_pad_only_the_last_evaluation_block():
+    blocks = TokenBlocks(torch.arange(1, 11), seq_len=4, pad_last=True)
+    assert blocks.inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert blocks.targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, -100, -100]]
+    train = TokenBlocks(torch.arange(1, 11), seq_len=4, pad_last=False)
+    assert len(train) == 2
+
+
+def test_second_prepare_reads_the_cache(corpus_dir, cache_dir, monkeypatch):
+    datamodule(corpus_dir, cache_dir).prepare_data()
+
+    def fail(*_):
+        raise AssertionError("encoded again instead of reading the cache")
+
+    monkeypatch.setattr(LMDataModule, "_encode_splits", fail)
+    dm = datamodule(corpus_dir, cache_dir)
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.tokens["train"]) > 0
+
+
+def test_missing_files_offline_name_the_folder_and_files(tmp_path):
+    dm = datamodule(tmp_path / "nowhere", tmp_path / "cache")
+    with pytest.raises(
+        UserError, match=r"put ptb.train.txt, ptb.valid.txt, ptb.test.txt in .*nowhere"
+    ):
+        dm.prepare_data()
+
+
+def test_wrong_checksum_and_empty_file_are_refused_with_the_path(tmp_path, corpus_dir):
+    md5 = {"train": "0" * 32}
+    with pytest.raises(UserError, match=r"ptb.train.txt has md5 \w+, expected 0{32}"):
+        datamodule(corpus_dir, tmp_path, md5=md5).prepare_data()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in FILES.values():
+        (empty / name).write_text("a b c\n")
+    (empty / "ptb.test.txt").write_text("")
+    with pytest.raises(UserError, match=r"ptb.test.txt is empty"):
+        datamodule(empty, tmp_path).prepare_data()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [(dict(seq_len=0), "data.seq_len"), (dict(batch_size=-1), "data.batch_size")]
+)
+def test_bad_sizes_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=f"{message} must be a positive integer"):
+        datamodule(tmp_path, tmp_path, **kwargs)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_prepare_downloads_missing_files_and_verifies_them(http_server, corpus_dir, tmp_path):
+    served, base = http_server
+    md5 = {}
+    for split, name in FILES.items():
+        data = (corpus_dir / name).read_bytes()
+        (served / name).write_bytes(data)
+        md5[split] = hashlib.md5(data).hexdigest()
+    urls = {split: f"{base}/{name}" for split, name in FILES.items()}
+    dm = datamodule(tmp_path / "ptb", tmp_path / "cache", urls=urls, md5=md5)
+    dm.prepare_data()
+    for name in FILES.values():
+        assert (tmp_path / "ptb" / name).read_bytes() == (corpus_dir / name).read_bytes()
+    assert not list((tmp_path / "ptb").glob(".*tmp"))  # no temporary files left behind
+
+
+def test_download_with_bad_checksum_leaves_no_file(http_server, tmp_path):
+    served, base = http_server
+    (served / "f.txt").write_text("not the corpus\n")
+    dest = tmp_path / "out" / "f.txt"
+    with pytest.raises(UserError, match="has md5 .* expected 1{32}"):
+        download(f"{base}/f.txt", dest, md5="1" * 32)
+    assert not dest.exists()
+
+
+def test_unreachable_server_gives_an_offline_hint(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    urls = {split: f"http://127.0.0.1:{port}/{name}" for split, name in FILES.items()}
+    dm = datamodule(tmp_path / "ptb", tmp_path / "cache", urls=urls)
+    with pytest.raises(UserError, match=r"could not download .*offline\? put ptb.train.txt"):
+        dm.prepare_data()
+    assert not (tmp_path / "ptb" / "ptb.train.txt").exists()

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.model import PRESETS, KVCache, TransformerConfig, TransformerLM
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.0) -> TransformerLM:
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout
+    )
+    return TransformerLM(config).eval()
+
+
+def test_changing_token_t_leaves_earlier_logits_unchanged():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    t = 9
+    changed[:, t] = (idx[:, t] + 1) % 50
+    with torch.no_grad():
+        before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[:, :t], after[:, :t], rtol=0, atol=0)
+    assert not torch.allclose(before[:, t:], after[:, t:])
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(2))
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(300):
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 3.5  # about log(50) at initialisation
+    assert loss.item() < 0.05
+
+
+def test_output_layer_is_tied_to_embedding_and_counted_once():
+    model = tiny_model()
+    assert model.lm_head.weight is model.token_embedding.weight
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_parameters() == sum(unique.values())
+    embeddings = 50 * 32 + 16 * 32
+    assert model.num_parameters(include_embeddings=False) == model.num_parameters() - embeddings
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=1000, block_size=16, n_layer=8, n_embd=256, n_head=4)
+    model = TransformerLM(config)
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    proj = model.blocks[0].mlp.proj.weight.std().item()
+    assert proj == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0)
+
+
+def test_kv_cache_prefill_then_steps_matches_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.config, batch_size=3)
+        pieces = [model(idx[:, :5], cache)]  # prefill 5 positions at once
+        pieces += [model(idx[:, i : i + 1], cache) for i in range(5, 9)]
+        pieces.append(model(idx[:, 9:], cache))  # several positions after a prefix
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 12
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exceeds block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(dropout=1.5), r"model.dropout must be in \[0, 1\)"),
+        (dict(n_layer=0), "model.n_layer must be a positive integer"),
+        (dict(vocab_size=-3), "model.vocab_size must be a positive integer"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**kwargs)
+
+
+def test_presets_build_and_small_has_the_documented_shape():
+    for preset in PRESETS.values():
+        TransformerConfig(**preset)  # every preset is valid
+    small = TransformerConfig(**PRESETS["small"])
+    assert (small.n_layer, small.n_embd, small.n_head) == (2, 256, 4)
+    assert TransformerConfig(**small.to_dict()) == small

@@ -1,0 +1,88 @@
+"""train.py end to end through its Hydra entry point, on the fixture corpus."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.serialization import get_unsafe_globals_in_checkpoint
+
+from conftest import run_entry_point, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus_dir, cache_dir) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_entry_point("train.py", *tiny_overrides(corpus_dir, cache_dir, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+@pytest.mark.slow
+def test_run_writes_safe_self_describing_checkpoints(tiny_run):
+    run_dir, _ = tiny_run
+    for name in ("best.ckpt", "last.ckpt"):
+        path = run_dir / "checkpoints" / name
+        assert get_unsafe_globals_in_checkpoint(str(path)) == []
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        meta = checkpoint["lmlab"]
+        assert meta["model_config"]["n_embd"] == 32
+        assert meta["vocab"][:2] == ["<eos>", "<unk>"]
+        assert meta["model_config"]["vocab_size"] == len(meta["vocab"])
+        assert any(k.startswith("model.token_embedding") for k in checkpoint["state_dict"])
+    assert (run_dir / "checkpoints" / "vocab.json").is_file()
+    assert (run_dir / "checkpoints" / "model_config.json").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_run_logs_tensorboard_scalars_and_learns(tiny_run):
+    run_dir, stdout = tiny_run
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event files in the run folder"
+    tags = set()
+    values = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            tags.add(tag)
+            values.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    assert {"train/loss", "val/loss", "val/ppl", "test/ppl", "train/lr"} <= tags
+    vocab_size = len(
+        torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["lmlab"]["vocab"]
+    )
+    assert values["val/ppl"][-1] < vocab_size / 4  # far better than uniform guessing
+    assert values["train/loss"][-1] < values["train/loss"][0]
+    assert max(values["train/lr"]) == pytest.approx(1e-2)  # warm-up reached the base LR
+    assert "best val/ppl" in stdout and "test/ppl" in stdout
+
+
+@pytest.mark.slow
+def test_artifacts_land_only_in_the_run_folder(tiny_run):
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "lightning_logs").exists()
+    run_dir, _ = tiny_run
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra",
+        "checkpoints",
+        "tensorboard",
+        "train.log",
+    ]
+
+
+def test_bad_value_exits_with_one_line_before_training(tmp_path, corpus_dir, cache_dir):
+    overrides = tiny_overrides(corpus_dir, cache_dir, tmp_path / "run")
+    result = run_entry_point("train.py", *overrides, "model.dropout=1.5")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error: model.dropout must be in [0, 1), got 1.5"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_typo_in_a_key_gets_hydras_message(tmp_path, corpus_dir, cache_dir):
+    overrides = tiny_overrides(corpus_dir, cache_dir, tmp_path / "run")
+    result = run_entry_point("train.py", *overrides, "trainer.max_epoch=3")
+    assert result.returncode != 0
+    assert "Key 'max_epoch' is not in struct" in result.stderr
