@@ -58,23 +58,23 @@ class LanguageModel(L.LightningModule):
         inputs, targets = batch
         self.val_ppl.update(self.model(inputs).float(), targets)
 
-    def on_validation_epoch_end(self) -> None:
-        # compute() sums log-probabilities and token counts over every batch
-        # (and every process), so this is the perplexity of the whole split.
-        ppl = self.val_ppl.compute()
-        self.val_ppl.reset()
-        self.log("val/ppl", ppl, prog_bar=True)
-        self.log("val/loss", ppl.log())
-
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         self.test_ppl.update(self.model(inputs).float(), targets)
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val", self.val_ppl)
+
     def on_test_epoch_end(self) -> None:
-        ppl = self.test_ppl.compute()
-        self.test_ppl.reset()
-        self.log("test/ppl", ppl)
-        self.log("test/loss", ppl.log())
+        self._log_perplexity("test", self.test_ppl)
+
+    def _log_perplexity(self, stage: str, metric: Perplexity) -> None:
+        # compute() sums log-probabilities and token counts over every batch
+        # (and every process), so this is the perplexity of the whole split.
+        ppl = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", ppl.log())
 
     def configure_optimizers(self):
         decay, no_decay = [], []
