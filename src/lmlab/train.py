@@ -1,4 +1,8 @@
-"""Train a Transformer language model: python train.py [overrides]. See README.md."""
+"""The steps of a training run: seed, data, model, trainer, fit, test, summary.
+
+`python train.py [overrides]` and `lmlab-train [overrides]` run `main` as a
+Hydra app (see `lmlab.cli`). See README.md.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,15 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.config import check_train_config, instantiate_each
-from lmlab.errors import report_user_errors
 from lmlab.lit_module import LanguageModel
+from lmlab.summary import RunSummary
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@report_user_errors
 def main(cfg: DictConfig) -> float:
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -64,11 +65,7 @@ def main(cfg: DictConfig) -> float:
         else math.nan
     )
     if trainer.is_global_zero:
-        print(
-            f"best val/ppl {best_ppl:.2f} | test/ppl {test_ppl:.2f} | best checkpoint {best_path}"
-        )
+        summary = RunSummary.collect(trainer, output_dir, test_ppl=test_ppl)
+        summary.write(output_dir / "summary.json")
+        summary.print()
     return best_ppl
-
-
-if __name__ == "__main__":
-    main()
