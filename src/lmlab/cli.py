@@ -2,7 +2,11 @@
 
 Each entry point is one line: `entry_point("module:function", "config name")`.
 The function takes the composed config; the module is imported only when the
-app runs, so `--help` answers without loading torch or Lightning.
+app runs, so `--help` answers without loading torch or Lightning. Adding
+`lmlab-generate`: its steps become `lmlab/generate.py:main(cfg)`, then
+`generate_main = entry_point("lmlab.generate:main", "generate")` here,
+`lmlab-generate = "lmlab.cli:generate_main"` under pyproject's
+`[project.scripts]`, and generate.py calls `generate_main()` as train.py does.
 
 Where the configs come from: `conf/` stays at the repository root (train.py,
 the tests and every recipe use it there). A plain `pip install .` ships the
