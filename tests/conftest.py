@@ -119,8 +119,10 @@ def console_run(
     """
     cwd = tmp_path_factory.mktemp("console_run")
     run_dir = cwd / "run"
-    result = run_console_script(
-        "lmlab-train", *tiny_overrides(corpus_dir, cache_dir, run_dir), cwd=cwd
-    )
+    overrides = [
+        *tiny_overrides(corpus_dir, cache_dir, run_dir),
+        "callbacks.samples.max_new_tokens=6",
+    ]
+    result = run_console_script("lmlab-train", *overrides, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
