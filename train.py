@@ -1,74 +1,9 @@
-"""Train a Transformer language model: python train.py [overrides]. See README.md."""
+"""Train a Transformer language model: python train.py [overrides]. See README.md.
 
-from __future__ import annotations
+The same app as the console script `lmlab-train`; the steps are in src/lmlab/train.py.
+"""
 
-import json
-import math
-from pathlib import Path
-
-import hydra
-import lightning as L
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-
-from lmlab.config import check_train_config, instantiate_each
-from lmlab.errors import report_user_errors
-from lmlab.lit_module import LanguageModel
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@report_user_errors
-def main(cfg: DictConfig) -> float:
-    check_train_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    vocab = datamodule.vocab
-
-    model_config = instantiate(cfg.model, vocab_size=len(vocab))
-    module = LanguageModel(
-        model_config,
-        vocab.words,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        compile=cfg.compile,
-    )
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=instantiate_each(cfg.get("callbacks")),
-        logger=instantiate_each(cfg.get("logger")) or False,
-    )
-
-    output_dir = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:
-        # Readable copies beside the checkpoints, which carry the same values.
-        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        vocab.save(output_dir / "checkpoints" / "vocab.json")
-        (output_dir / "checkpoints" / "model_config.json").write_text(
-            json.dumps(model_config.to_dict(), indent=2)
-        )
-
-    trainer.fit(module, datamodule=datamodule)
-
-    checkpoint = trainer.checkpoint_callback
-    best_path = checkpoint.best_model_path if checkpoint else ""
-    test_ppl = math.nan
-    if cfg.test:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
-        test_ppl = results[0]["test/ppl"] if results else math.nan
-
-    best_ppl = (
-        float(checkpoint.best_model_score)
-        if checkpoint and checkpoint.best_model_score is not None
-        else math.nan
-    )
-    if trainer.is_global_zero:
-        print(
-            f"best val/ppl {best_ppl:.2f} | test/ppl {test_ppl:.2f} | best checkpoint {best_path}"
-        )
-    return best_ppl
-
+from lmlab.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main()

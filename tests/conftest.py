@@ -79,3 +79,50 @@ def run_entry_point(
         text=True,
         timeout=timeout,
     )
+
+
+def console_scripts() -> dict[str, str]:
+    """`[project.scripts]` of pyproject.toml: script name -> "module:function"."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def run_console_script(
+    name: str, *args: str, cwd: Path | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Run console script `name` of this checkout as pip's generated wrapper runs it.
+
+    The wrapper imports the function pyproject names and exits with its result;
+    running that here tests this checkout whatever (or whether) lmlab is installed.
+    """
+    module, _, function = console_scripts()[name].partition(":")
+    code = f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; sys.exit({function}())"
+    env = {**os.environ}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def console_run(
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One tiny run of `lmlab-train` from a folder outside the checkout (2 epochs, 2 validations).
+
+    Shared by the tests of what a run writes: record, plots, samples, summary.
+    """
+    cwd = tmp_path_factory.mktemp("console_run")
+    run_dir = cwd / "run"
+    overrides = [
+        *tiny_overrides(corpus_dir, cache_dir, run_dir),
+        "callbacks.samples.max_new_tokens=6",
+    ]
+    result = run_console_script("lmlab-train", *overrides, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result

@@ -66,6 +66,10 @@ def test_artifacts_land_only_in_the_run_folder(tiny_run):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".hydra",
         "checkpoints",
+        "metrics.jsonl",
+        "plots",
+        "samples.md",
+        "summary.json",
         "tensorboard",
         "train.log",
     ]

@@ -82,7 +82,12 @@ def _value(cfg: DictConfig, key: str, default: float | None = None) -> float:
 
 
 def instantiate_each(nodes: DictConfig | None) -> list[Any]:
-    """One object per named node (`callbacks.*`, `logger.*`); empty or null gives []."""
+    """One object per named node (`callbacks.*`, `logger.*`); empty or null gives [].
+
+    A null node, or one whose target returns None (a callback switched off by
+    a trainer flag, such as the progress bar), gives nothing.
+    """
     if not nodes:
         return []
-    return [instantiate(node) for node in nodes.values() if node is not None]
+    objects = (instantiate(node) for node in nodes.values() if node is not None)
+    return [obj for obj in objects if obj is not None]

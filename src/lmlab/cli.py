@@ -1,0 +1,69 @@
+"""Console scripts: `lmlab-train` and `python train.py` run the same Hydra app.
+
+Each entry point is one line: `entry_point("module:function", "config name")`.
+The function takes the composed config; the module is imported only when the
+app runs, so `--help` answers without loading torch or Lightning. Adding
+`lmlab-generate`: its steps become `lmlab/generate.py:main(cfg)`, then
+`generate_main = entry_point("lmlab.generate:main", "generate")` here,
+`lmlab-generate = "lmlab.cli:generate_main"` under pyproject's
+`[project.scripts]`, and generate.py calls `generate_main()` as train.py does.
+
+Where the configs come from: `conf/` stays at the repository root (train.py,
+the tests and every recipe use it there). A plain `pip install .` ships the
+same files inside the package as `lmlab/conf` (pyproject maps the package
+`lmlab.conf` onto `conf/`), so an installed `lmlab-train` finds them there; a
+source checkout (`pip install -e .`, or `PYTHONPATH=src`) reads `conf/`
+directly. `--config-dir DIR` adds a folder of your own on top, as in any
+Hydra app.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from lmlab.errors import report_user_errors
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: shipped in the package (plain install) or the checkout's conf/."""
+    candidates = (PACKAGE_DIR / "conf", PACKAGE_DIR.parents[1] / "conf")
+    for candidate in candidates:
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    sys.exit(
+        f"error: lmlab's configs are not in {' or '.join(map(str, candidates))}; "
+        "reinstall lmlab (pip install .) or run from a source checkout"
+    )
+
+
+def entry_point(target: str, config_name: str) -> Callable[[], Any]:
+    """A console-script function running `target` ("module:function") as a Hydra app."""
+    module_name, _, function_name = target.partition(":")
+
+    def task(cfg: DictConfig) -> Any:
+        return getattr(importlib.import_module(module_name), function_name)(cfg)
+
+    # Hydra names the job after the task's module: the log file is train.log, as with train.py.
+    task.__module__ = module_name
+    task.__name__ = task.__qualname__ = function_name
+
+    def main() -> Any:
+        app = hydra.main(
+            version_base="1.3", config_path=str(config_dir()), config_name=config_name
+        )(report_user_errors(task))
+        return app()
+
+    main.__doc__ = f"Run {target} with the config `{config_name}` and command-line overrides."
+    return main
+
+
+train_main = entry_point("lmlab.train:main", "train")

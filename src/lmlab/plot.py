@@ -1,0 +1,227 @@
+"""Training curves from runs' own records: python -m lmlab.plot RUN_DIR [RUN_DIR ...] [-o out.png].
+
+Reads `metrics.jsonl` (written by `lmlab.callbacks.RunRecorder`) and draws
+train loss, val perplexity and the learning rate against optimizer steps (top
+row) and tokens seen (bottom row), with the best checkpoint marked. Several
+runs overlay in one figure; a sweep folder stands for every job below it that
+has a record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmlab.errors import UserError, report_user_errors
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Curves:
+    """The series behind the figure of one run (the data `plot_curves` draws)."""
+
+    label: str
+    train_step: list[int] = field(default_factory=list)
+    train_tokens: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    val_step: list[int] = field(default_factory=list)
+    val_tokens: list[int] = field(default_factory=list)
+    val_ppl: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    best_tokens: int | None = None
+    best_ppl: float | None = None
+    best_checkpoint: str | None = None
+
+
+def _keep_latest(records: list[dict], record: dict) -> None:
+    """Append `record`; records at or past its step came before a resume from an earlier step."""
+    while records and records[-1]["step"] >= record["step"]:
+        records.pop()
+    records.append(record)
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a run folder written by train.py?")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}, line {number}: not JSON; is the file damaged?") from None
+    return records
+
+
+def load_curves(run_dir: str | Path, label: str | None = None) -> Curves:
+    """The curves of one run folder; the best checkpoint is the validation it was saved at."""
+    train: list[dict] = []
+    val: list[dict] = []
+    best = None
+    for record in read_records(run_dir):
+        kind = record.get("kind")
+        if kind == "train" and record.get("train/loss") is not None:
+            _keep_latest(train, record)
+        elif kind == "val" and record.get("val/ppl") is not None:
+            _keep_latest(val, record)
+        elif kind == "best":
+            best = record
+    curves = Curves(
+        label=label if label is not None else Path(run_dir).name,
+        train_step=[r["step"] for r in train],
+        train_tokens=[r["tokens"] for r in train],
+        train_loss=[r["train/loss"] for r in train],
+        lr=[r.get("train/lr") for r in train],
+        val_step=[r["step"] for r in val],
+        val_tokens=[r["tokens"] for r in val],
+        val_ppl=[r["val/ppl"] for r in val],
+    )
+    if best is not None:
+        # The checkpoint callback keeps the first validation reaching the best score.
+        monitor, score = best["monitor"], best["score"]
+        match = next(
+            (r for r in val if r.get(monitor) is not None and math.isclose(r[monitor], score)),
+            None,
+        )
+        if match is not None:
+            curves.best_step = match["step"]
+            curves.best_tokens = match["tokens"]
+            curves.best_ppl = match["val/ppl"]
+        curves.best_checkpoint = best.get("checkpoint")
+    return curves
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders: each path that has a record, or every folder below it that has one."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if (path / METRICS_FILE).is_file():
+            runs.append(path)
+            continue
+        found = sorted((p.parent for p in path.rglob(METRICS_FILE)), key=_natural_key)
+        if not found:
+            raise UserError(f"no {METRICS_FILE} in or below {path}: pass run folders of train.py")
+        runs.extend(found)
+    return runs
+
+
+def run_label(run: Path, root: Path) -> str:
+    """A run's name: its folder; for a job found below `root`, that path plus its overrides."""
+    if run == root:
+        return run.name
+    name = f"{root.name}/{run.relative_to(root)}"
+    overrides = run / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        from omegaconf import OmegaConf
+
+        chosen = [str(o) for o in OmegaConf.load(overrides) if not str(o).startswith("hydra.")]
+        if chosen:
+            name += ": " + " ".join(chosen)
+    return name
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Running mean over the last `window` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(runs: list[Curves], out: str | Path) -> Path:
+    """Draw `runs` into one PNG at `out` (folders are made); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, LogFormatter
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (axis_name, train_x, val_x, best_x) in enumerate(
+        [
+            ("step", "train_step", "val_step", "best_step"),
+            ("tokens", "train_tokens", "val_tokens", "best_tokens"),
+        ]
+    ):
+        loss_ax, ppl_ax, lr_ax = axes[row]
+        for i, run in enumerate(runs):
+            color = colors[i % len(colors)]
+            x = getattr(run, train_x)
+            if run.train_loss:
+                window = max(1, len(run.train_loss) // 50)
+                if window > 1:
+                    loss_ax.plot(x, run.train_loss, color=color, alpha=0.25, linewidth=0.8)
+                loss_ax.plot(x, _smooth(run.train_loss, window), color=color, label=run.label)
+            if run.val_ppl:
+                ppl_ax.plot(getattr(run, val_x), run.val_ppl, "o-", color=color, markersize=3)
+            if any(v is not None for v in run.lr):
+                lr_ax.plot(x, run.lr, color=color)
+            best = getattr(run, best_x)
+            if best is not None:
+                ppl_ax.plot(
+                    [best], [run.best_ppl], "*", color=color, markersize=14,
+                    markeredgecolor="black", label=f"{run.label}: best {run.best_ppl:.2f}",
+                )  # fmt: skip
+                for ax in (loss_ax, lr_ax):
+                    ax.axvline(best, color=color, linestyle=":", linewidth=1)
+        xlabel = "optimizer step" if axis_name == "step" else "tokens seen"
+        for ax, title in zip(
+            (loss_ax, ppl_ax, lr_ax), ("train loss", "val perplexity", "learning rate")
+        ):
+            ax.set_title(f"{title} vs {axis_name}")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if axis_name == "tokens":
+                ax.xaxis.set_major_formatter(EngFormatter())
+        if any(run.val_ppl for run in runs):
+            ppl_ax.set_yscale("log")
+            ppl_ax.yaxis.set_major_formatter(LogFormatter())
+            ppl_ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        if any(getattr(run, best_x) is not None for run in runs):
+            ppl_ax.legend(fontsize="small")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("dotted line, star: best checkpoint", fontsize="small", y=0.995)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmlab.plot" if Path(sys.argv[0]).name == "plot.py" else None,
+        description="Overlay the training curves of runs (and of every job of a sweep folder).",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders, or sweep folders holding them")
+    parser.add_argument("-o", "--output", default="curves.png", help="PNG to write (curves.png)")
+    args = parser.parse_args(argv)
+    curves = [
+        load_curves(run, label=run_label(run, root))
+        for root in map(Path, args.runs)
+        for run in find_runs([root])
+    ]
+    out = plot_curves(curves, args.output)
+    print(f"wrote {out} ({len(curves)} run{'s' if len(curves) != 1 else ''})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The steps of a training run: seed, data, model, trainer, fit, test, summary.
+
+`python train.py [overrides]` and `lmlab-train [overrides]` run `main` as a
+Hydra app (see `lmlab.cli`). See README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lmlab.config import check_train_config, instantiate_each
+from lmlab.lit_module import LanguageModel
+from lmlab.summary import RunSummary
+
+
+def main(cfg: DictConfig) -> float:
+    check_train_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    vocab = datamodule.vocab
+
+    model_config = instantiate(cfg.model, vocab_size=len(vocab))
+    module = LanguageModel(
+        model_config,
+        vocab.words,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        compile=cfg.compile,
+    )
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_each(cfg.get("callbacks")),
+        logger=instantiate_each(cfg.get("logger")) or False,
+    )
+
+    output_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        # Readable copies beside the checkpoints, which carry the same values.
+        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        vocab.save(output_dir / "checkpoints" / "vocab.json")
+        (output_dir / "checkpoints" / "model_config.json").write_text(
+            json.dumps(model_config.to_dict(), indent=2)
+        )
+
+    trainer.fit(module, datamodule=datamodule)
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    test_ppl = math.nan
+    if cfg.test:
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        test_ppl = results[0]["test/ppl"] if results else math.nan
+
+    best_ppl = (
+        float(checkpoint.best_model_score)
+        if checkpoint and checkpoint.best_model_score is not None
+        else math.nan
+    )
+    if trainer.is_global_zero:
+        summary = RunSummary.collect(trainer, output_dir, test_ppl=test_ppl)
+        summary.write(output_dir / "summary.json")
+        summary.print()
+    return best_ppl

@@ -1,0 +1,105 @@
+"""Parameter counts per part, and the end-of-run summary against the run's own figures."""
+
+import io
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from rich.console import Console
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.summary import RunSummary, generate_command, parameter_counts, parameter_table
+
+
+def test_parameter_counts_split_the_model_into_parts():
+    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
+    model = TransformerLM(config)
+    counts = parameter_counts(model)
+    c, hidden = config.n_embd, config.mlp_ratio * config.n_embd
+    assert counts["embeddings"] == (50 + 8) * c  # the tied output layer is not counted again
+    assert counts["attention"] == 3 * ((c * 3 * c + 3 * c) + (c * c + c))
+    assert counts["mlp"] == 3 * ((c * hidden + hidden) + (hidden * c + c))
+    assert counts["norms"] == (2 * 3 + 1) * 2 * c
+    assert counts["other"] == 0
+    assert sum(counts.values()) == model.num_parameters()
+    assert sum(counts.values()) - counts["embeddings"] == model.num_parameters(False)
+
+    console = Console(width=120, record=True)
+    console.print(parameter_table(model))
+    text = console.export_text()
+    assert f"{model.num_parameters():,}" in text and f"{model.num_parameters(False):,}" in text
+
+
+def test_generate_command_quotes_paths_for_the_shell():
+    assert generate_command("runs/a/best.ckpt") == (
+        'python generate.py ckpt=runs/a/best.ckpt prompt="the company said"'
+    )
+    assert generate_command("my runs/best.ckpt", "the market") == (
+        "python generate.py 'ckpt=my runs/best.ckpt' prompt=\"the market\""
+    )
+
+
+@pytest.mark.slow
+def test_summary_holds_the_real_figures_of_the_run(console_run):
+    run_dir, result = console_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert RunSummary.read(run_dir / "summary.json").to_dict() == summary
+    cwd = run_dir.parent  # the run's working folder: paths are shown relative to it
+
+    best = cwd / summary["best_checkpoint"]
+    last = cwd / summary["last_checkpoint"]
+    assert best == run_dir / "checkpoints" / "best.ckpt" and last.is_file()
+    last_state = torch.load(last, weights_only=True, map_location="cpu")
+    best_state = torch.load(best, weights_only=True, map_location="cpu")
+    (score,) = [
+        v["best_model_score"]
+        for k, v in last_state["callbacks"].items()
+        if k.startswith("ModelCheckpoint")
+    ]
+    assert summary["best_val_ppl"] == pytest.approx(float(score))
+    assert summary["best_step"] == best_state["global_step"]
+    assert summary["steps"] == last_state["global_step"]
+    assert summary["epochs"] == 2 and summary["validations"] == 2
+    assert summary["tokens_seen"] == summary["steps"] * 8 * 16
+
+    scalars = {}
+    for event_file in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    assert summary["final_val_ppl"] == pytest.approx(scalars["val/ppl"][-1])
+    assert summary["best_val_ppl"] == pytest.approx(min(scalars["val/ppl"]))
+    assert summary["test_ppl"] == pytest.approx(scalars["test/ppl"][-1])
+
+    assert 0 < summary["train_time_s"] <= summary["wall_time_s"]
+    assert summary["tokens_per_s"] == pytest.approx(
+        summary["tokens_seen"] / summary["train_time_s"]
+    )
+    weights = best_state["state_dict"]
+    params = sum(
+        p.numel() for k, p in weights.items() if k.startswith("model.") and "lm_head" not in k
+    )
+    assert summary["parameters"] == params
+    assert summary["generate_command"] == (
+        f'python generate.py ckpt={summary["best_checkpoint"]} prompt="the company said"'
+    )
+    assert (cwd / summary["curves"]).is_file() and (cwd / summary["samples"]).is_file()
+
+    # the printed table carries the same figures, and the command is on a line of its own
+    out = result.stdout
+    assert f"{summary['best_val_ppl']:.2f} (step {summary['best_step']:,})" in out
+    assert f"{summary['test_ppl']:.2f}" in out and f"{summary['tokens_seen']:,}" in out
+    assert f"  {summary['generate_command']}\n" in out
+
+
+def test_a_summary_without_figures_writes_nulls_and_prints(tmp_path):
+    values = dict.fromkeys(f.name for f in fields(RunSummary))
+    summary = RunSummary(**values | {"run_dir": "r", "steps": 0, "epochs": 0})
+    summary.write(tmp_path / "summary.json")
+    assert json.loads((tmp_path / "summary.json").read_text())["test_ppl"] is None
+    console = Console(file=io.StringIO(), width=100)
+    summary.print(console)
+    assert "test/ppl" in console.file.getvalue()
