@@ -1,0 +1,158 @@
+"""Decoding speed of lmlab's `generate` and `beam_search`, with and without the KV cache.
+
+    python benchmarks/generate_speed.py            # 256 new tokens, median of 3 runs
+    python benchmarks/generate_speed.py --quick    # a smoke run of a few seconds
+
+Speeds are new tokens per second over the whole batch: batch x new tokens / seconds (for beam
+search, tokens of the returned sequences, not of every beam). Where `transformers` is
+importable, Hugging Face's `GPT2LMHeadModel.generate` runs the same shapes with its own cache;
+GPT-2 is the same architecture (pre-LayerNorm, tanh GELU, learned positions, tied
+embeddings), so the ratio measures the decoding loops, not the networks. Both models are
+randomly initialised: speed does not depend on the weights, and no eos stops either early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.decoding import beam_search, generate
+from lmlab.model import PRESETS, TransformerConfig, TransformerLM
+
+VOCAB_SIZE = 10_000
+BLOCK_SIZE = 512  # room for the prompt plus 256 new tokens, so no window shift is timed
+PROMPT_LEN = 8
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95)
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str  # greedy, sample or beam4
+    batch_size: int
+
+
+def median_seconds(run: Callable[[int], object], new_tokens: int, repeats: int) -> float:
+    run(4)  # warm-up (allocator, kernel choice, lazy imports), short: no-cache runs are slow
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(new_tokens)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def lmlab_run(
+    model: TransformerLM, case: Case, prompt: torch.Tensor, use_cache: bool
+) -> Callable[[int], object]:
+    if case.method == "beam4":
+        return lambda n: beam_search(model, prompt, n, num_beams=4, use_cache=use_cache)
+    kwargs = dict(temperature=0.0) if case.method == "greedy" else SAMPLING
+    generator = torch.Generator().manual_seed(0)
+    return lambda n: generate(model, prompt, n, generator=generator, use_cache=use_cache, **kwargs)
+
+
+def hf_model() -> torch.nn.Module | None:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    small = PRESETS["small"]
+    config = GPT2Config(
+        n_layer=small["n_layer"],
+        n_embd=small["n_embd"],
+        n_head=small["n_head"],
+        vocab_size=VOCAB_SIZE,
+        n_positions=BLOCK_SIZE,
+        # GPT-2's default ids (50256) lie outside this vocabulary; without an eos nothing
+        # stops early, as in the lmlab runs.
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_run(model: torch.nn.Module, case: Case, prompt: torch.Tensor) -> Callable[[int], object]:
+    kwargs: dict[str, object] = dict(attention_mask=torch.ones_like(prompt), use_cache=True)
+    if case.method == "greedy":
+        kwargs.update(do_sample=False, num_beams=1)
+    elif case.method == "sample":
+        kwargs.update(do_sample=True, num_beams=1, **SAMPLING)
+    else:
+        kwargs.update(do_sample=False, num_beams=4, length_penalty=1.0)
+
+    def run(new_tokens: int) -> object:
+        with torch.inference_mode():
+            return model.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
+            )
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is shown")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face even if installed")
+    args = parser.parse_args()
+    new_tokens, repeats = (16, 1) if args.quick else (args.new_tokens, args.repeats)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        **{**PRESETS["small"], "vocab_size": VOCAB_SIZE, "block_size": BLOCK_SIZE}
+    )
+    model = TransformerLM(config).eval()
+    reference = None if args.no_hf else hf_model()
+    cases = [Case(method, b) for method in ("greedy", "sample", "beam4") for b in (1, 8)]
+
+    print(
+        f"model 'small': {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+        f"vocab {config.vocab_size}, block {config.block_size}; prompt {PROMPT_LEN} tokens, "
+        f"{new_tokens} new tokens; median of {repeats}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if reference is None:
+        print("transformers is not importable (or --no-hf): no Hugging Face column")
+    else:
+        import transformers
+
+        print(f"reference: transformers {transformers.__version__} GPT2LMHeadModel.generate")
+    print("speeds in new tokens/s (batch x new tokens / seconds)\n")
+    header = f"{'method':<8}{'batch':>6}{'cache':>10}{'no cache':>10}{'cache x':>9}"
+    if reference is not None:
+        header += f"{'HF cache':>10}{'lmlab/HF':>10}"
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        prompt = torch.randint(0, VOCAB_SIZE, (case.batch_size, PROMPT_LEN))
+        produced = case.batch_size * new_tokens
+        speeds = {
+            use_cache: produced
+            / median_seconds(lmlab_run(model, case, prompt, use_cache), new_tokens, repeats)
+            for use_cache in (True, False)
+        }
+        line = (
+            f"{case.method:<8}{case.batch_size:>6}{speeds[True]:>10.0f}{speeds[False]:>10.0f}"
+            f"{speeds[True] / speeds[False]:>9.1f}"
+        )
+        if reference is not None:
+            hf_speed = produced / median_seconds(
+                hf_run(reference, case, prompt), new_tokens, repeats
+            )
+            line += f"{hf_speed:>10.0f}{speeds[True] / hf_speed:>10.2f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
