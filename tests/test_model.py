@@ -100,3 +100,18 @@ def test_presets_build_and_small_has_the_documented_shape():
     small = TransformerConfig(**PRESETS["small"])
     assert (small.n_layer, small.n_embd, small.n_head) == (2, 256, 4)
     assert TransformerConfig(**small.to_dict()) == small
+
+
+def test_kv_cache_reorder_follows_the_chosen_rows():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = KVCache(model.config, batch_size=3)
+        model(idx, cache)
+        cache.reorder(torch.tensor([2, 2, 0]))  # same batch size: in place
+        step = torch.tensor([[5], [6], [7]])
+        reordered = model(step, cache)[:, -1]
+        expected = model(torch.cat([idx[[2, 2, 0]], step], dim=1))[:, -1]
+    torch.testing.assert_close(reordered, expected, rtol=1e-5, atol=1e-5)
+    cache.reorder(torch.tensor([1]))  # a different batch size: a new buffer
+    assert cache.keys.shape[1] == 1 and cache.length == 7

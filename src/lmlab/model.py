@@ -95,8 +95,13 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (in that order), e.g. the surviving beams.
 
-        Only the filled positions are copied: beam search reorders every step.
+        Beam search reorders every step, so when the batch size stays the same
+        only the filled positions are copied, in place.
         """
+        if index.numel() != self.keys.size(1):  # the batch grows or shrinks
+            self.keys = self.keys.index_select(1, index)
+            self.values = self.values.index_select(1, index)
+            return
         filled = slice(0, self.length)
         self.keys[:, :, :, filled] = self.keys[:, index, :, filled]
         self.values[:, :, :, filled] = self.values[:, index, :, filled]
