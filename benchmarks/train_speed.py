@@ -1,0 +1,234 @@
+"""Training throughput of lmlab's `small` model through the real LightningModule and Trainer,
+side by side with a plain PyTorch loop of the same model, in the same run.
+
+    python benchmarks/train_speed.py              # every variant, median of 3 rounds
+    python benchmarks/train_speed.py --quick      # a smoke run of a few seconds
+
+Model FLOP utilisation (MFU) is the model's FLOPs per second (6 x weights used per token,
+plus attention) over a matmul peak that this script measures itself, for the same dtype, in
+the same run. Every timed window starts after warm-up steps. Rounds alternate between the
+variants so that drift on a shared machine hits all of them alike; the table quotes medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lmlab.data import BlockBatches, TokenBlocks, keep_batch
+from lmlab.lit_module import LanguageModel
+from lmlab.model import PRESETS, TransformerConfig, TransformerLM
+
+VOCAB_SIZE = 10_000
+SEQ_LEN = 64
+BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    runner: str  # "plain" (a bare PyTorch loop) or "lightning"
+    precision: str = "32-true"  # Lightning's names: 32-true, bf16-mixed
+    compile: bool = False
+    # Fused AdamW instead of foreach; only at fp32, as Lightning's mixed-precision plugin
+    # refuses gradient clipping with a fused optimizer.
+    fused: bool = False
+
+
+def model_config() -> TransformerConfig:
+    return TransformerConfig(vocab_size=VOCAB_SIZE, block_size=SEQ_LEN, **PRESETS["small"])
+
+
+def flops_per_token(config: TransformerConfig) -> float:
+    """Forward + backward FLOPs of one token: 6 per weight it meets, plus attention scores."""
+    per_layer = 12 * config.n_embd**2  # qkv (3), proj (1), MLP (8 = 2 x 4)
+    weights = config.n_layer * per_layer + config.n_embd * config.vocab_size  # + output layer
+    attention = 6 * config.n_layer * SEQ_LEN * config.n_embd  # QK^T and AV, causal half x 2
+    return 6 * weights + attention
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul in `dtype`: the ceiling the training step is measured against."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def token_stream(num_tokens: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (num_tokens,), generator=torch.Generator().manual_seed(0))
+
+
+def optimizer_factory(fused: bool):
+    def make(params):
+        kind = dict(fused=True) if fused else dict(foreach=True)
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **kind)
+
+    return make
+
+
+def plain_loop(variant: Variant, warmup: int, steps: int) -> float:
+    """Tokens/s of a bare loop: forward, loss, backward, clip, AdamW step."""
+    torch.manual_seed(0)
+    model = TransformerLM(model_config()).train()
+    if variant.compile:
+        model.compile()
+    optimizer = optimizer_factory(variant.fused)(model.parameters())
+    blocks = TokenBlocks(token_stream((warmup + steps) * BATCH_SIZE * SEQ_LEN + 1), SEQ_LEN, False)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if variant.precision == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        rows = torch.arange(step * BATCH_SIZE, (step + 1) * BATCH_SIZE)
+        inputs, targets = blocks.inputs[rows], blocks.targets[rows]
+        with autocast:
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return steps * BATCH_SIZE * SEQ_LEN / (time.perf_counter() - start)
+
+
+class StepTimer(L.Callback):
+    """Times the optimizer steps after `warmup`, from inside the real Trainer."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = 0.0
+        self.end = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.end = time.perf_counter()
+
+
+def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
+    """Tokens/s of lmlab's LanguageModel in a Lightning Trainer, as train.py builds them."""
+    torch.manual_seed(0)
+    module = LanguageModel(
+        model_config(),
+        ["<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB_SIZE - 2)],
+        optimizer=optimizer_factory(variant.fused),
+        compile=variant.compile,
+    )
+    blocks = TokenBlocks(token_stream((warmup + steps) * BATCH_SIZE * SEQ_LEN + 1), SEQ_LEN, False)
+    loader = DataLoader(
+        blocks,
+        batch_sampler=BlockBatches(len(blocks), BATCH_SIZE, shuffle=True),
+        collate_fn=keep_batch,
+    )
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=variant.precision,
+        max_steps=warmup + steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=50,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return steps * BATCH_SIZE * SEQ_LEN / (timer.end - timer.start)
+
+
+VARIANTS = [
+    Variant("plain fp32 (reference)", "plain"),
+    Variant("lightning fp32", "lightning"),
+    Variant("lightning fp32 fused AdamW", "lightning", fused=True),
+    Variant("plain bf16-mixed", "plain", precision="bf16-mixed"),
+    Variant("lightning bf16-mixed", "lightning", precision="bf16-mixed"),
+    Variant("lightning fp32 compile", "lightning", compile=True),
+    Variant("lightning bf16-mixed compile", "lightning", precision="bf16-mixed", compile=True),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, one round")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    args = parser.parse_args()
+    warmup, steps, rounds = (3, 5, 1) if args.quick else (8, args.steps, args.rounds)
+    variants = [v for v in VARIANTS if not (args.no_compile and v.compile)]
+    warnings.filterwarnings("ignore")
+    for logger in ("lightning.pytorch", "lightning.fabric"):
+        import logging
+
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+    config = model_config()
+    speeds: dict[str, list[float]] = {v.name: [] for v in variants}
+    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(rounds):
+        peaks["fp32"].append(matmul_peak(torch.float32))
+        peaks["bf16"].append(matmul_peak(torch.bfloat16))
+        for variant in variants:
+            run = plain_loop if variant.runner == "plain" else lightning_loop
+            speeds[variant.name].append(run(variant, warmup, steps))
+
+    peak = {k: statistics.median(v) for k, v in peaks.items()}
+    reference = statistics.median(speeds[VARIANTS[0].name])
+    plain_by_precision = {
+        v.precision: statistics.median(speeds[v.name])
+        for v in variants
+        if v.runner == "plain" and not v.compile
+    }
+    print(
+        f"model 'small' ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+        f"vocab {VOCAB_SIZE}); batch {BATCH_SIZE} x {SEQ_LEN}; {steps} timed steps after "
+        f"{warmup} warm-up, median of {rounds} rounds; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"matmul peak (1024^3, same run): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; model FLOPs per token {flops_per_token(config) / 1e6:.1f} M"
+    )
+    header = (
+        f"{'variant':34} {'tokens/s':>9} {'MFU':>6} {'x plain fp32':>13} {'x plain same dtype':>19}"
+    )
+    print(header)
+    print("-" * len(header))
+    for variant in variants:
+        speed = statistics.median(speeds[variant.name])
+        dtype = "bf16" if variant.precision == "bf16-mixed" else "fp32"
+        mfu = speed * flops_per_token(config) / peak[dtype]
+        same_dtype = plain_by_precision.get(variant.precision)
+        ratio_same = f"{speed / same_dtype:.3f}" if same_dtype else "-"
+        print(
+            f"{variant.name:34} {speed:9.0f} {mfu:6.1%} {speed / reference:13.3f} {ratio_same:>19}"
+        )
+
+
+if __name__ == "__main__":
+    main()
