@@ -1,0 +1,216 @@
+"""Word-level perplexity of a whole split, and BLEU of the model's sentence continuations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.text import BLEUScore
+
+from lmlab.checkpoint import is_url
+from lmlab.data import IGNORE_INDEX, SPLITS, TokenBlocks
+from lmlab.errors import UserError
+from lmlab.generation import Decoding, continue_prompts, prompt_ids, until_eos, warn
+from lmlab.model import TransformerLM
+from lmlab.vocab import Vocabulary, tokenize
+
+
+def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor:
+    """The token ids (int64) of `lines` as training encodes them: each line's words, then `<eos>`."""
+    words = [word for line in lines for word in tokenize(line)]
+    unknown = vocab.unknown(words)
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        warn(
+            f"{len(unknown)} distinct word(s) of {source} are not in the checkpoint's vocabulary "
+            f"and read as <unk>: {shown}"
+        )
+    return torch.tensor(vocab.encode(words), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------
+# Perplexity.
+
+
+def _blocks(tokens: Tensor, seq_len: int, eos_id: int) -> Iterator[tuple[Tensor, Tensor]]:
+    blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
+    yield from zip(blocks.inputs, blocks.targets, strict=True)
+
+
+def _windows(
+    tokens: Tensor, seq_len: int, stride: int, eos_id: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Windows of `seq_len` tokens advancing by `stride`; each scores only tokens not yet scored."""
+    stream = torch.cat([torch.tensor([eos_id]), tokens.long()])
+    inputs, targets = stream[:-1], stream[1:]
+    total = len(targets)
+    scored = 0  # targets [0, scored) already have a prediction
+    begin = 0
+    while scored < total:
+        end = min(begin + seq_len, total)
+        x = inputs.new_full((seq_len,), eos_id)
+        y = targets.new_full((seq_len,), IGNORE_INDEX)
+        x[: end - begin] = inputs[begin:end]
+        y[scored - begin : end - begin] = targets[scored:end]
+        yield x, y
+        scored = end
+        begin += stride
+
+
+def perplexity(
+    model: TransformerLM,
+    tokens: Tensor,
+    *,
+    seq_len: int,
+    stride: int | None = None,
+    batch_size: int = 32,
+    eos_id: int = 0,
+) -> dict[str, float | int]:
+    """Perplexity over every token of `tokens` (1-D ids), each predicted exactly once.
+
+    The stream starts with `<eos>`, as in training, so the first token is
+    predicted too. Without `stride`: non-overlapping blocks of `seq_len`, the
+    last one padded, which is exactly how training validates (`TokenBlocks`
+    with `pad_last=True`). With `stride` s: windows of `seq_len` tokens that
+    advance by s; the first scores all its tokens, each later one its newest
+    s, so every token after the first window sees at least `seq_len - s`
+    earlier tokens.
+    """
+    pairs = (
+        _blocks(tokens, seq_len, eos_id)
+        if stride is None
+        else _windows(tokens, seq_len, stride, eos_id)
+    )
+    device = next(model.parameters()).device
+    total_nll, count = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        while batch := list(islice(pairs, batch_size)):
+            inputs = torch.stack([x for x, _ in batch]).to(device)  # (B, seq_len)
+            targets = torch.stack([y for _, y in batch]).to(device)
+            logits = model(inputs).float()  # (B, seq_len, vocab)
+            nll = F.cross_entropy(
+                logits.flatten(0, 1),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total_nll += float(nll.double())
+            count += int((targets != IGNORE_INDEX).sum())
+    mean = total_nll / max(count, 1)
+    return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+
+
+# ---------------------------------------------------------------------------
+# BLEU of continuations.
+
+
+def continuation_bleu(
+    model: TransformerLM,
+    vocab: Vocabulary,
+    lines: Sequence[str],
+    *,
+    prompt_words: int,
+    num_sentences: int,
+    decoding: Decoding,
+    generator: torch.Generator | None = None,
+    n_gram: int = 4,
+    smooth: bool = False,
+    batch_size: int = 32,
+) -> dict | None:
+    """Corpus BLEU of continuations against the true ends of the first `num_sentences` sentences.
+
+    A sentence with more than `prompt_words` words is cut after `prompt_words`;
+    the model continues that prompt (after `<eos>`, as in training) with as many
+    tokens as the true remainder has words, and a continuation stops at its
+    first `<eos>`. None when no sentence is long enough.
+    """
+    sentences = [words for words in (line.split() for line in lines) if len(words) > prompt_words]
+    sentences = sentences[:num_sentences]
+    if not sentences:
+        return None
+    block_size = model.config.block_size
+    prompts = [prompt_ids(words[:prompt_words], vocab, block_size) for words in sentences]
+    lengths = [len(words) - prompt_words for words in sentences]
+    continuations = continue_prompts(
+        model,
+        prompts,
+        lengths,
+        decoding,
+        eos_id=vocab.eos_id,
+        generator=generator,
+        batch_size=batch_size,
+    )
+    predictions = [vocab.decode(until_eos(samples[0], vocab.eos_id)) for samples in continuations]
+    references = [[" ".join(words[prompt_words:])] for words in sentences]
+    score = BLEUScore(n_gram=n_gram, smooth=smooth)(predictions, references)
+    examples = [
+        {"prompt": " ".join(words[:prompt_words]), "reference": ref[0], "continuation": pred}
+        for words, ref, pred in list(zip(sentences, references, predictions, strict=True))[:3]
+    ]
+    return {"bleu": float(score), "sentences": len(sentences), "examples": examples}
+
+
+# ---------------------------------------------------------------------------
+# eval.py's config.
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_eval_config(cfg: Mapping) -> Decoding:
+    """Check eval.py's values before anything is loaded; return the BLEU decoding settings."""
+    if cfg.get("ckpt") is None:
+        raise UserError(
+            "pass ckpt= a .ckpt file written by train.py, its URL or an exported folder"
+        )
+    if cfg.get("text_file") is None and cfg.get("split") not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}; got {cfg.get('split')!r}")
+    for key in ("seq_len", "stride"):
+        value = cfg.get(key)
+        if value is not None and not _positive_int(value):
+            raise UserError(f"{key} must be a positive integer or null, got {value!r}")
+    if not _positive_int(cfg.get("batch_size")):
+        raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
+    bleu = cfg.get("bleu") or {}
+    num_sentences = bleu.get("num_sentences", 0)
+    if not (isinstance(num_sentences, int) and num_sentences >= 0):
+        raise UserError(
+            f"bleu.num_sentences must be an integer >= 0 (0 skips BLEU), got {num_sentences!r}"
+        )
+    for key in ("prompt_words", "n_gram"):
+        if not _positive_int(bleu.get(key)):
+            raise UserError(f"bleu.{key} must be a positive integer, got {bleu.get(key)!r}")
+    try:
+        return Decoding.from_config(bleu).check(max_new_tokens=0)
+    except UserError as error:
+        raise UserError(f"bleu: {error}") from None
+
+
+def check_window(seq_len: int | None, stride: int | None, block_size: int) -> int:
+    """The block length to use: `seq_len`, or the model's `block_size` when None."""
+    seq_len = block_size if seq_len is None else seq_len
+    if seq_len > block_size:
+        raise UserError(f"seq_len={seq_len} exceeds the model's block_size of {block_size}")
+    if stride is not None and stride > seq_len:
+        raise UserError(
+            f"stride={stride} exceeds seq_len={seq_len}: tokens between windows would never be "
+            "predicted; use a stride <= seq_len"
+        )
+    return seq_len
+
+
+def default_output(ckpt: str, name: str) -> Path:
+    """Beside the checkpoint (`best.ckpt` -> `best.eval_test.json`), or here for a URL."""
+    if is_url(ckpt):
+        return Path(f"eval_{name}.json")
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        return path / f"eval_{name}.json"
+    return path.with_name(f"{path.stem}.eval_{name}.json")
