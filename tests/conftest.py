@@ -58,6 +58,7 @@ def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
         "trainer.enable_model_summary=false",
         "trainer.log_every_n_steps=5",
         "scheduler.warmup_steps=5",
+        "optimizer.lr=1e-2",
         f"hydra.run.dir={run_dir}",
     ]
 
