@@ -10,10 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.text import BLEUScore
 
 from lmlab.checkpoint import is_url
-from lmlab.data import IGNORE_INDEX, SPLITS, TokenBlocks
 from lmlab.errors import UserError
 from lmlab.generation import Decoding, continue_prompts, prompt_ids, until_eos, warn
 from lmlab.model import TransformerLM
@@ -37,13 +35,8 @@ def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor
 # Perplexity.
 
 
-def _blocks(tokens: Tensor, seq_len: int, eos_id: int) -> Iterator[tuple[Tensor, Tensor]]:
-    blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
-    yield from zip(blocks.inputs, blocks.targets, strict=True)
-
-
 def _windows(
-    tokens: Tensor, seq_len: int, stride: int, eos_id: int
+    tokens: Tensor, seq_len: int, stride: int, eos_id: int, ignore_index: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Windows of `seq_len` tokens advancing by `stride`; each scores only tokens not yet scored."""
     stream = torch.cat([torch.tensor([eos_id]), tokens.long()])
@@ -54,7 +47,7 @@ def _windows(
     while scored < total:
         end = min(begin + seq_len, total)
         x = inputs.new_full((seq_len,), eos_id)
-        y = targets.new_full((seq_len,), IGNORE_INDEX)
+        y = targets.new_full((seq_len,), ignore_index)
         x[: end - begin] = inputs[begin:end]
         y[scored - begin : end - begin] = targets[scored:end]
         yield x, y
@@ -81,11 +74,15 @@ def perplexity(
     s, so every token after the first window sees at least `seq_len - s`
     earlier tokens.
     """
-    pairs = (
-        _blocks(tokens, seq_len, eos_id)
-        if stride is None
-        else _windows(tokens, seq_len, stride, eos_id)
-    )
+    # lmlab.data brings in Lightning, seconds to import: imported here so that
+    # eval.py turns a bad checkpoint or value away before paying for it.
+    from lmlab.data import IGNORE_INDEX, TokenBlocks
+
+    if stride is None:
+        blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
+        pairs = zip(blocks.inputs, blocks.targets, strict=True)
+    else:
+        pairs = _windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
     device = next(model.parameters()).device
     total_nll, count = 0.0, 0
     model.eval()
@@ -130,6 +127,8 @@ def continuation_bleu(
     tokens as the true remainder has words, and a continuation stops at its
     first `<eos>`. None when no sentence is long enough.
     """
+    from torchmetrics.text import BLEUScore  # seconds to import: only when BLEU is asked for
+
     sentences = [words for words in (line.split() for line in lines) if len(words) > prompt_words]
     sentences = sentences[:num_sentences]
     if not sentences:
@@ -170,8 +169,9 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         raise UserError(
             "pass ckpt= a .ckpt file written by train.py, its URL or an exported folder"
         )
-    if cfg.get("text_file") is None and cfg.get("split") not in SPLITS:
-        raise UserError(f"split must be one of {', '.join(SPLITS)}; got {cfg.get('split')!r}")
+    splits = list(cfg.get("data", {}).get("files", {}))
+    if cfg.get("text_file") is None and cfg.get("split") not in splits:
+        raise UserError(f"split must be one of {', '.join(splits)}; got {cfg.get('split')!r}")
     for key in ("seq_len", "stride"):
         value = cfg.get(key)
         if value is not None and not _positive_int(value):
