@@ -77,8 +77,8 @@ class Decoding:
                     length_penalty=self.length_penalty,
                     vocab_size=vocab_size,
                 )
-            except ValueError as error:
-                raise UserError(str(error)) from None
+            except ValueError as error:  # decoding.py speaks Python; users type Hydra values
+                raise UserError(str(error).replace("=None", "=null")) from None
         for warning in caught:
             warn(str(warning.message))
         if self.num_samples > 1 and self.strategy != "sample":
