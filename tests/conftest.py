@@ -79,3 +79,16 @@ def run_entry_point(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
+) -> Path:
+    """The folder of one tiny train.py run, shared by the end-to-end tests that need a checkpoint."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = run_entry_point(
+        "train.py", *tiny_overrides(corpus_dir, cache_dir, run_dir), "test=false"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
