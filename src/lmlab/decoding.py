@@ -241,7 +241,14 @@ class _Context:
     Keeps the model's input within `block_size` as the module docstring says.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, use_cache: bool, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        total_len: int,
+        use_cache: bool,
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.block_size: int = model.config.block_size
         self.keep = max(1, self.block_size // 2)
@@ -250,7 +257,10 @@ class _Context:
         if use_cache:
             param = next((p for p in model.parameters() if p.is_floating_point()), None)
             dtype = torch.float32 if param is None else param.dtype
-            self.cache = KVCache(model.config, batch_size, device=device, dtype=dtype)
+            # No larger than the sequence will get: less memory, and KVCache.reorder copies
+            # every allocated position at each beam step.
+            max_len = min(self.block_size, total_len)
+            self.cache = KVCache(model.config, batch_size, max_len, device=device, dtype=dtype)
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Logits (B, vocab) for the position after `tokens` (B, n), the whole sequence so far."""
@@ -296,7 +306,9 @@ def generate(
     emits `eos_id` from then on, and the loop stops early, returning fewer
     columns, once every row has. `use_cache=False` recomputes the whole
     context every step: slower, and the reference the cached path is tested
-    against. The model runs in eval mode; its previous mode is restored.
+    against. Sequences longer than `block_size` shift their window as the
+    module docstring says. The model runs in eval mode; its previous mode is
+    restored.
     """
     vocab_size = model.config.vocab_size
     top_k = check_decoding_args(
@@ -314,7 +326,9 @@ def generate(
     tokens[:, :prompt_len] = prompt_ids
     length = prompt_len
     with _inference(model):
-        context = _Context(model, batch_size, use_cache, prompt_ids.device)
+        context = _Context(
+            model, batch_size, prompt_len + max_new_tokens, use_cache, prompt_ids.device
+        )
         done = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
         for _ in range(max_new_tokens):
             logits = context.logits(tokens[:, :length])
@@ -351,7 +365,8 @@ def beam_search(
     Face transformers. A prompt is done once `num_beams` hypotheses have
     finished (Hugging Face's `early_stopping=True`, fairseq's rule). Sequences
     shorter than the longest are padded with `eos_id`. With `num_beams=1` this
-    is greedy decoding. Prompts share one length, as in `generate`.
+    is greedy decoding. Prompts share one length and long sequences shift
+    their window, as in `generate`.
     """
     vocab_size = model.config.vocab_size
     check_decoding_args(
@@ -377,7 +392,7 @@ def beam_search(
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     with _inference(model):
-        context = _Context(model, batch_size, use_cache, device)
+        context = _Context(model, batch_size, prompt_len + max_new_tokens, use_cache, device)
         logits = context.logits(prompt_ids)  # (B, vocab)
         # All beams start as the prompt; prefill once, then copy rows.
         rows = torch.arange(batch_size, device=device).repeat_interleave(beams)
