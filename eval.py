@@ -7,11 +7,10 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_model
-from lmlab.errors import UserError, report_user_errors
+from lmlab.errors import report_user_errors
 from lmlab.evaluation import (
     check_eval_config,
     check_window,
@@ -19,22 +18,9 @@ from lmlab.evaluation import (
     default_output,
     encode_lines,
     perplexity,
+    read_text,
 )
 from lmlab.generation import resolve_device, warn
-
-
-def read_lines(cfg: DictConfig) -> tuple[list[str], str]:
-    """The text to evaluate and its name: `text_file`, or a split of the data config."""
-    if cfg.text_file is None:
-        return instantiate(cfg.data).read_lines(cfg.split), cfg.split
-    path = Path(cfg.text_file).expanduser()
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read text_file {cfg.text_file}: {error}") from None
-    if not any(line.strip() for line in lines):
-        raise UserError(f"text_file {cfg.text_file} holds no words")
-    return lines, path.stem
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -44,7 +30,7 @@ def main(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, vocab = load_model(cfg.ckpt, device=device)
     seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size)
-    lines, name = read_lines(cfg)
+    lines, name = read_text(cfg)
 
     tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
     results = {"checkpoint": str(cfg.ckpt), "data": name, "seq_len": seq_len, "stride": cfg.stride}

@@ -14,7 +14,13 @@ from torchmetrics.text import Perplexity
 
 from lmlab.data import IGNORE_INDEX, TokenBlocks
 from lmlab.errors import UserError
-from lmlab.evaluation import check_eval_config, check_window, continuation_bleu, perplexity
+from lmlab.evaluation import (
+    check_eval_config,
+    check_window,
+    continuation_bleu,
+    perplexity,
+    read_text,
+)
 from lmlab.generation import Decoding
 from lmlab.model import TransformerConfig, TransformerLM
 from lmlab.vocab import Vocabulary
@@ -162,14 +168,17 @@ def test_windows_must_fit_the_model():
         check_window(8, 9, block_size=16)
 
 
-def test_entry_point_reports_a_missing_checkpoint_in_one_line(tmp_path):
-    result = run_entry_point("eval.py", f"ckpt={tmp_path}/absent.ckpt")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint {tmp_path}/absent.ckpt not found; pass ckpt= a .ckpt file written "
-        "by train.py (e.g. outputs/runs/<date>/checkpoints/best.ckpt), an exported folder or "
-        "an http(s) URL"
-    ]
+def test_text_comes_from_a_split_or_any_file(corpus_dir, cache_dir, tmp_path):
+    data = [o for o in tiny_overrides(corpus_dir, cache_dir, tmp_path) if o.startswith("data")]
+    split_lines, name = read_text(eval_config("split=valid", *data))
+    assert name == "valid" and len(split_lines) == 60
+    text = corpus_dir / "ptb.valid.txt"
+    assert read_text(eval_config(f"text_file={text}")) == (split_lines, "ptb.valid")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match=r"text_file .*blank.txt holds no words"):
+        read_text(eval_config(f"text_file={tmp_path / 'blank.txt'}"))
+    with pytest.raises(UserError, match=r"cannot read text_file"):
+        read_text(eval_config(f"text_file={tmp_path / 'absent.txt'}"))
 
 
 # ---------------------------------------------------------------------------
@@ -188,28 +197,15 @@ def test_eval_reproduces_the_validation_perplexity_training_logged(
         if key.startswith("ModelCheckpoint")
     ]
     data = [o for o in tiny_overrides(corpus_dir, cache_dir, tmp_path) if o.startswith("data")]
-    output = tmp_path / "valid.json"
     result = run_entry_point(
-        "eval.py",
-        f"ckpt={ckpt}",
-        "split=valid",
-        *data,
-        f"output={output}",
-        "bleu.num_sentences=10",
-        "device=cpu",
+        "eval.py", f"ckpt={ckpt}", "split=valid", *data, "bleu.num_sentences=10", "device=cpu"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("valid ppl ")
-    report = json.loads(output.read_text())
+    report = json.loads(ckpt.with_name("best.eval_valid.json").read_text())  # the default place
     assert report["ppl"] == pytest.approx(logged, rel=1e-3)
+    assert report["tokens"] == sum(
+        len(line.split()) + 1 for line in (corpus_dir / "ptb.valid.txt").read_text().splitlines()
+    )
     assert report["seq_len"] == 16 and report["stride"] is None
     assert report["bleu"]["sentences"] == 10 and 0 <= report["bleu"]["bleu"] <= 1
-
-    # Any text file, here the same split, with windows as long as the stride: same blocks.
-    text = corpus_dir / "ptb.valid.txt"
-    result = run_entry_point(
-        "eval.py", f"ckpt={ckpt}", f"text_file={text}", "stride=16", "bleu.num_sentences=0"
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    beside = ckpt.with_name("best.eval_ptb.valid.json")  # the default: next to the checkpoint
-    assert json.loads(beside.read_text())["ppl"] == pytest.approx(report["ppl"], rel=1e-6)

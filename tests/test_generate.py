@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lmlab.checkpoint import export
+from lmlab.checkpoint import export, load_model
 from lmlab.errors import UserError
 from lmlab.generation import (
     Decoding,
@@ -139,16 +139,16 @@ def test_greedy_equals_beam_search_with_one_beam():
 
 def test_same_seed_same_samples():
     model = tiny_model(seed=2)
-    decoding = Decoding(strategy="sample", temperature=1.5, num_samples=3)
+    decoding = Decoding(strategy="sample", temperature=1.5, num_samples=2)
 
     def run(seed: int):
         generator = torch.Generator().manual_seed(seed)
-        return continue_prompts(model, PROMPTS, 10, decoding, eos_id=0, generator=generator)
+        return continue_prompts(model, PROMPTS, 6, decoding, eos_id=0, generator=generator)
 
     first = run(7)
     assert first == run(7)
     assert first != run(8)
-    assert all(len(samples) == 3 for samples in first)
+    assert all(len(samples) == 2 for samples in first)
 
 
 def test_stop_at_eos_ends_continuations_before_eos():
@@ -196,15 +196,12 @@ def test_entry_point_prints_continuations_and_writes_nothing(tmp_path):
     assert list(cwd.iterdir()) == []  # no outputs/, .hydra or log file
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [("prompt=", "error: the prompt is empty"), ("top_p=1.5", "error: top_p must be in (0, 1]")],
-)
-def test_entry_point_reports_bad_input_in_one_line(override, message):
-    result = run_entry_point("generate.py", "ckpt=absent.ckpt", "prompt=the", override)
+def test_entry_point_reports_bad_input_in_one_line():
+    result = run_entry_point("generate.py", "ckpt=absent.ckpt", "prompt=")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.splitlines() == [
+        'error: the prompt is empty; pass some words, e.g. prompt="the company said"'
+    ]
 
 
 @pytest.mark.slow
@@ -233,9 +230,24 @@ def test_generate_end_to_end(trained_run, tmp_path):
     assert beam.returncode == 0, beam.stderr[-2000:]
     assert beam.stdout.splitlines() == lines[1:]
 
+    # Sampling: the same seed gives the same text, here across a process boundary.
     sample = ["strategy=sample", "seed=11", "num_samples=2", "temperature=1.2", "top_p=0.95"]
-    first = run_entry_point("generate.py", f"ckpt={ckpt}", *sample, *common)
-    second = run_entry_point("generate.py", f"ckpt={ckpt}", *sample, *common)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout == second.stdout
-    assert len(first.stdout.splitlines()) == 2 * len(records)
+    result = run_entry_point("generate.py", f"ckpt={ckpt}", *sample, *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, vocab = load_model(ckpt)
+    texts = prompts.read_text().splitlines()
+    decoding = Decoding("sample", 1.2, top_k=50, top_p=0.95, num_samples=2, stop_at_eos=True)
+    again = continue_prompts(
+        model,
+        encode_prompts(texts, vocab, model.config.block_size),
+        6,
+        decoding,
+        eos_id=vocab.eos_id,
+        generator=torch.Generator().manual_seed(11),
+    )
+    expected = [
+        {"prompt": text, "sample": i, "continuation": vocab.decode(tokens)}
+        for text, samples in zip(texts, again)
+        for i, tokens in enumerate(samples)
+    ]
+    assert [json.loads(line) for line in result.stdout.splitlines()] == expected

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import Tensor
 
 from lmlab.checkpoint import is_url
@@ -16,6 +17,20 @@ from lmlab.errors import UserError
 from lmlab.generation import Decoding, continue_prompts, prompt_ids, until_eos, warn
 from lmlab.model import TransformerLM
 from lmlab.vocab import Vocabulary, tokenize
+
+
+def read_text(cfg: Mapping) -> tuple[list[str], str]:
+    """The lines to evaluate and their name: `text_file`, or a `split` of the data config."""
+    if cfg.get("text_file") is None:
+        return instantiate(cfg["data"]).read_lines(cfg["split"]), cfg["split"]
+    path = Path(cfg["text_file"]).expanduser()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read text_file {cfg['text_file']}: {error}") from None
+    if not any(line.strip() for line in lines):
+        raise UserError(f"text_file {cfg['text_file']} holds no words")
+    return lines, path.stem
 
 
 def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor:
