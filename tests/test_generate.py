@@ -61,6 +61,7 @@ def generate_config(*overrides: str):
         (["seed=-1"], r"seed must be a non-negative integer"),
         (["batch_size=0"], r"batch_size must be a positive integer"),
         (["ckpt=null"], r"pass ckpt= a \.ckpt file"),
+        (["export="], r"export= needs a folder path"),
     ],
 )
 def test_bad_values_are_refused(overrides, message):

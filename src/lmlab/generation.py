@@ -263,4 +263,7 @@ def check_generate_config(cfg: Mapping) -> Decoding:
                 f"{key} must be a {'non-negative' if key == 'seed' else 'positive'} "
                 f"integer, got {value!r}"
             )
+    export = cfg.get("export")
+    if export is not None and not str(export).strip():
+        raise UserError("export= needs a folder path, e.g. export=exported/ptb_small")
     return decoding
