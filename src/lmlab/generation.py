@@ -256,13 +256,11 @@ def check_generate_config(cfg: Mapping) -> Decoding:
     decoding = Decoding.from_config(cfg).check(max_new_tokens)
     if cfg.get("output") not in OUTPUTS:
         raise UserError(f"output must be one of {', '.join(OUTPUTS)}; got {cfg.get('output')!r}")
-    for key in ("seed", "batch_size"):
-        value = cfg.get(key)
-        if not _is_int(value) or value < (0 if key == "seed" else 1):
-            raise UserError(
-                f"{key} must be a {'non-negative' if key == 'seed' else 'positive'} "
-                f"integer, got {value!r}"
-            )
+    seed, batch_size = cfg.get("seed"), cfg.get("batch_size")
+    if not (_is_int(seed) and seed >= 0):
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if not (_is_int(batch_size) and batch_size >= 1):
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     export = cfg.get("export")
     if export is not None and not str(export).strip():
         raise UserError("export= needs a folder path, e.g. export=exported/ptb_small")
