@@ -272,7 +272,7 @@ class _Context:
         elif self.cache.length + n - self.seen > self.block_size:
             # Positions are absolute, so a full cache cannot just drop its oldest entry: start
             # over from the newest half, leaving room for block_size // 2 cheap steps.
-            self.cache.length = 0
+            self.cache.reset()
             fresh = tokens[:, -self.keep :]
         else:
             fresh = tokens[:, self.seen :]

@@ -93,9 +93,22 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (in that order), e.g. the surviving beams."""
-        self.keys = self.keys.index_select(1, index)
-        self.values = self.values.index_select(1, index)
+        """Keep batch rows `index` (in that order), e.g. the surviving beams.
+
+        Beam search reorders every step, so when the batch size stays the same
+        only the filled positions are copied, in place.
+        """
+        if index.numel() != self.keys.size(1):  # the batch grows or shrinks
+            self.keys = self.keys.index_select(1, index)
+            self.values = self.values.index_select(1, index)
+            return
+        filled = slice(0, self.length)
+        self.keys[:, :, :, filled] = self.keys[:, index, :, filled]
+        self.values[:, :, :, filled] = self.values[:, index, :, filled]
+
+    def reset(self) -> None:
+        """Forget every position; the next forward starts at position 0."""
+        self.length = 0
 
 
 class CausalSelfAttention(nn.Module):
