@@ -1,7 +1,11 @@
-"""Word-level perplexity of a whole split, and BLEU of the model's sentence continuations."""
+"""Word-level perplexity of a whole split, and BLEU of the model's sentence continuations.
+
+`main` holds eval.py's steps.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
@@ -10,11 +14,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import Tensor
 
-from lmlab.checkpoint import is_url
+from lmlab.checkpoint import is_url, load_model
 from lmlab.errors import UserError
-from lmlab.generation import Decoding, continue_prompts, prompt_ids, until_eos, warn
+from lmlab.generation import (
+    Decoding,
+    continue_prompts,
+    prompt_ids,
+    resolve_device,
+    until_eos,
+    warn,
+)
 from lmlab.model import TransformerLM
 from lmlab.vocab import Vocabulary, tokenize
 
@@ -171,7 +183,7 @@ def continuation_bleu(
 
 
 # ---------------------------------------------------------------------------
-# eval.py's config.
+# eval.py: its checks and its steps.
 
 
 def _positive_int(value: object) -> bool:
@@ -229,3 +241,43 @@ def default_output(ckpt: str, name: str) -> Path:
     if path.is_dir():
         return path / f"eval_{name}.json"
     return path.with_name(f"{path.stem}.eval_{name}.json")
+
+
+def main(cfg: DictConfig) -> dict:
+    """eval.py's steps, given its composed config (conf/eval.yaml); returns the results."""
+    bleu_decoding = check_eval_config(cfg)  # before loading anything: typos fail fast
+    device = resolve_device(cfg.device)
+    model, vocab = load_model(cfg.ckpt, device=device)
+    seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size)
+    lines, name = read_text(cfg)
+
+    tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
+    results = {"checkpoint": str(cfg.ckpt), "data": name, "seq_len": seq_len, "stride": cfg.stride}
+    results.update(
+        perplexity(model, tokens, seq_len=seq_len, stride=cfg.stride, batch_size=cfg.batch_size)
+    )
+    summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
+    if cfg.bleu.num_sentences > 0:
+        results["bleu"] = continuation_bleu(
+            model,
+            vocab,
+            lines,
+            prompt_words=cfg.bleu.prompt_words,
+            num_sentences=cfg.bleu.num_sentences,
+            decoding=bleu_decoding.check(0, vocab_size=len(vocab)),
+            generator=torch.Generator(device=device).manual_seed(cfg.seed),
+            n_gram=cfg.bleu.n_gram,
+            smooth=cfg.bleu.smooth,
+            batch_size=cfg.batch_size,
+        )
+        bleu = results["bleu"]
+        if bleu is None:
+            warn(f"no sentence has more than bleu.prompt_words={cfg.bleu.prompt_words} words")
+        else:
+            summary += f" | BLEU {bleu['bleu']:.4f} over {bleu['sentences']} sentences"
+
+    output = Path(cfg.output) if cfg.output else default_output(str(cfg.ckpt), name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{summary} | wrote {output}")
+    return results

@@ -1,6 +1,6 @@
 """Text in, text out: prompts encoded with a checkpoint's vocabulary, continued in batches.
 
-Shared by generate.py and eval.py (BLEU of continuations). A prompt starts a
+`main` holds generate.py's steps; eval.py uses the rest for BLEU of continuations. A prompt starts a
 sentence: it is fed after `<eos>`, as every sentence follows one in training.
 The model has no padding mask, so prompts are grouped by token length and each
 group is decoded as one batch; nothing is padded.
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 
+from lmlab.checkpoint import export, load_model
 from lmlab.decoding import beam_search, check_decoding_args, generate
 from lmlab.errors import UserError
 from lmlab.vocab import Vocabulary, tokenize
@@ -243,7 +245,7 @@ def format_continuations(
 
 
 # ---------------------------------------------------------------------------
-# generate.py's config.
+# generate.py: its checks and its steps.
 
 
 def check_generate_config(cfg: Mapping) -> Decoding:
@@ -265,3 +267,31 @@ def check_generate_config(cfg: Mapping) -> Decoding:
     if export is not None and not str(export).strip():
         raise UserError("export= needs a folder path, e.g. export=exported/ptb_small")
     return decoding
+
+
+def main(cfg: DictConfig) -> None:
+    """generate.py's steps, given its composed config (conf/generate.yaml)."""
+    decoding = check_generate_config(cfg)  # before loading anything: typos fail fast
+    export_only = cfg.export is not None and cfg.prompt is None and cfg.prompts_file is None
+    texts = [] if export_only else read_prompts(cfg.prompt, cfg.prompts_file)
+    device = resolve_device(cfg.device)
+    model, vocab = load_model(cfg.ckpt, device=device)
+    if cfg.export is not None:
+        print(f"exported {cfg.ckpt} to {export(model, vocab, cfg.export)}")
+    if export_only:
+        return
+
+    decoding = decoding.check(cfg.max_new_tokens, vocab_size=len(vocab))  # clips top_k
+    prompts = encode_prompts(texts, vocab, model.config.block_size)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    continuations = continue_prompts(
+        model,
+        prompts,
+        cfg.max_new_tokens,
+        decoding,
+        eos_id=vocab.eos_id,
+        generator=generator,
+        batch_size=cfg.batch_size,
+    )
+    for line in format_continuations(texts, continuations, vocab, cfg.output):
+        print(line)
