@@ -40,6 +40,19 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def trained_run(
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
+) -> Path:
+    """The folder of one tiny train.py run, shared by the end-to-end tests that need a checkpoint."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = run_entry_point(
+        "train.py", *tiny_overrides(corpus_dir, cache_dir, run_dir), "test=false"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
     """Overrides for a seconds-long run of train.py on the fixture corpus."""
     return [

@@ -266,7 +266,7 @@ class LMDataModule(L.LightningDataModule):
             return
         self._encode_splits()
 
-    def _encode_splits(self) -> None:
+    def _read_lines(self, splits: tuple[str, ...]) -> dict[str, list[str]]:
         # HF datasets reads the text (and caches the Arrow tables) so that any
         # plain-text corpus takes the same path as PTB.
         import datasets
@@ -274,10 +274,22 @@ class LMDataModule(L.LightningDataModule):
         datasets.disable_progress_bars()
         corpus = datasets.load_dataset(
             "text",
-            data_files={s: str(self.paths[s]) for s in SPLITS},
+            data_files={s: str(self.paths[s]) for s in splits},
             cache_dir=str(self.cache_root / "hf"),
         )
-        lines = {s: corpus[s]["text"] for s in SPLITS}
+        return {s: corpus[s]["text"] for s in splits}
+
+    def read_lines(self, split: str) -> list[str]:
+        """The lines of one split, found or downloaded and verified as by `prepare_data`.
+
+        For encoding a split with another vocabulary, e.g. a checkpoint's own.
+        """
+        self._fetch_missing()
+        self._verify()
+        return self._read_lines((split,))[split]
+
+    def _encode_splits(self) -> None:
+        lines = self._read_lines(SPLITS)
         vocab = Vocabulary.build(lines["train"])
         assert self.cache_path is not None
         self.cache_path.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
+from lmlab.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lmlab.data import IGNORE_INDEX
 from lmlab.model import TransformerConfig, TransformerLM
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
-
-CHECKPOINT_KEY = "lmlab"  # where a checkpoint carries its model config and vocabulary
-CHECKPOINT_FORMAT = 1
 
 
 class LanguageModel(L.LightningModule):

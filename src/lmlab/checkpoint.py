@@ -1,0 +1,306 @@
+"""Safe loading and self-describing checkpoints.
+
+A checkpoint written by train.py is a Lightning checkpoint: the weights under
+`state_dict` (keys prefixed `model.`) and, under `lmlab`, the model config and
+the vocabulary as plain values. So `load_model` rebuilds `TransformerLM` from
+the file alone: no Trainer, no dataset. `export` writes the same model as files
+any tool can read: `model.safetensors`, `config.json` (the model config) and
+`vocab.json`; `load_model` reads that folder too.
+
+Loading never runs code from the file. `torch.load` gets `weights_only=True`
+explicitly: torch (>= 2.6, see `torch.serialization.load`) lets
+`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1` override only a call that left
+`weights_only` unset, and the tests check this with the variable set. What the
+weights-only unpickler lets through is then checked to hold nothing but
+tensors and plain values.
+
+    python -m lmlab.checkpoint export CKPT DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from lmlab.errors import UserError, report_user_errors
+from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.vocab import Vocabulary
+
+CHECKPOINT_KEY = "lmlab"  # where a checkpoint carries its model config and vocabulary
+CHECKPOINT_FORMAT = 1
+MODEL_PREFIX = "model."  # LanguageModel keeps the network as `self.model`
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+
+# What the weights-only unpickler says when a file asks for code or objects.
+_UNSAFE_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"call reduce for unrecognized function ([^\n]+)"),
+    re.compile(r"Can only (?:create new object|build)[^\n]*but got ([^\n]+)"),
+)
+_PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_REFUSED = "refusing to load it; only lmlab checkpoints of tensors and plain values are accepted"
+
+
+def is_url(source: str | Path) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------------------
+# Reading a .ckpt file without running code from it.
+
+
+def read_checkpoint(source: str | Path) -> dict[str, Any]:
+    """The checkpoint dict at a path or an http(s) URL, loaded without running any code."""
+    name = str(source)
+    if is_url(source):
+        with _downloaded(name) as path:
+            return _load_plain(path, name)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"checkpoint {name} not found; pass ckpt= a .ckpt file written by train.py "
+            "(e.g. outputs/runs/<date>/checkpoints/best.ckpt), an exported folder or an http(s) URL"
+        )
+    if path.is_dir():
+        raise UserError(f"checkpoint {name} is a folder; pass the .ckpt file inside it")
+    return _load_plain(path, name)
+
+
+@contextlib.contextmanager
+def _downloaded(url: str, timeout: float = 60.0) -> Iterator[Path]:
+    """`url` fetched into a temporary file, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="lmlab-ckpt-") as folder:
+        path = Path(folder) / "download.ckpt"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, path.open("wb") as f:
+                shutil.copyfileobj(response, f)
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise UserError(f"could not download checkpoint {url}: {reason}") from None
+        yield path
+
+
+def _load_plain(path: Path, name: str) -> dict[str, Any]:
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {name} is empty; copy it again or pass another checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        for pattern in _UNSAFE_PATTERNS:
+            found = pattern.search(message)
+            if found:
+                raise UserError(
+                    f"checkpoint {name} holds pickled code or objects ({found.group(1).strip()}): "
+                    + _REFUSED
+                ) from None
+        raise _corrupted(name, error) from None
+    except Exception as error:  # damaged files raise EOFError, RuntimeError, KeyError, ...
+        if "TorchScript" in str(error):
+            raise UserError(
+                f"{name} is a TorchScript archive, not an lmlab checkpoint; "
+                "pass a .ckpt file written by train.py"
+            ) from None
+        raise _corrupted(name, error) from None
+    where = _first_non_plain(obj)
+    if where is not None:
+        raise UserError(f"checkpoint {name} holds pickled code or objects ({where}): " + _REFUSED)
+    if not isinstance(obj, dict):
+        raise UserError(
+            f"{name} holds a {type(obj).__name__}, not an lmlab checkpoint; "
+            "pass a .ckpt file written by train.py"
+        )
+    return obj
+
+
+def _corrupted(name: str, error: BaseException) -> UserError:
+    reason = " ".join(str(error).split()).split(". ")[0][:160]  # its first sentence
+    return UserError(
+        f"checkpoint {name} is truncated or corrupted, or not a PyTorch checkpoint "
+        f"({type(error).__name__}: {reason}); copy it again or pass another checkpoint"
+    )
+
+
+def _first_non_plain(obj: Any) -> str | None:
+    """Where `obj` holds something other than tensors, plain values and containers of them."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        kind = type(value)
+        if kind in (dict, OrderedDict):
+            stack.extend((v, f"{where}[{k!r}]") for k, v in value.items())
+            stack.extend((k, f"{where} key") for k in value)
+        elif kind in (list, tuple):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif kind not in _TENSOR_TYPES and kind not in _PLAIN_TYPES:
+            return f"a {kind.__module__}.{kind.__qualname__} at {where or 'the top'}"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Rebuilding the model.
+
+
+def load_model(
+    source: str | Path, device: torch.device | str = "cpu"
+) -> tuple[TransformerLM, Vocabulary]:
+    """`TransformerLM` (in eval mode, on `device`) and its `Vocabulary`.
+
+    `source` is a .ckpt file written by train.py, an http(s) URL of one, or a
+    folder written by `export` (or the `model.safetensors` file inside it).
+    """
+    name = str(source)
+    path = None if is_url(source) else Path(source).expanduser()
+    if path is not None and path.suffix == ".safetensors" and path.is_file():
+        if path.name != WEIGHTS_FILE:
+            raise UserError(
+                f"{name} is a bare safetensors file; load_model reads a folder written by "
+                f"export: {WEIGHTS_FILE}, {CONFIG_FILE} and {VOCAB_FILE}"
+            )
+        path = path.parent
+    if path is not None and path.is_dir():
+        model, vocab = _load_export(path, name)
+    else:
+        config, words, state = _unpack(read_checkpoint(source), name)
+        model, vocab = _build(config, words, name)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise UserError(
+                f"checkpoint {name} does not match its own model config: {_brief(error)}"
+            ) from None
+    return model.to(device).eval(), vocab
+
+
+def _unpack(checkpoint: dict, name: str) -> tuple[dict, list, dict]:
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        raise UserError(
+            f"{name} is not an lmlab checkpoint: it has no {CHECKPOINT_KEY!r} entry with the "
+            "model config and vocabulary; pass a .ckpt file written by train.py"
+        )
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(
+            f"{name} has lmlab checkpoint format {found!r}; this lmlab reads format "
+            f"{CHECKPOINT_FORMAT}"
+        )
+    state = checkpoint.get("state_dict")
+    weights = {}
+    if isinstance(state, dict):
+        weights = {
+            key[len(MODEL_PREFIX) :]: value
+            for key, value in state.items()
+            if isinstance(key, str) and key.startswith(MODEL_PREFIX)
+        }
+    if not weights:
+        raise UserError(f"{name} has no model weights (no 'state_dict' with 'model.' keys)")
+    return meta.get("model_config"), meta.get("vocab"), weights
+
+
+def _build(config: Any, words: Any, name: str) -> tuple[TransformerLM, Vocabulary]:
+    if not isinstance(config, dict):
+        raise UserError(f"{name} has no model config (a dict of TransformerConfig arguments)")
+    try:
+        model_config = TransformerConfig(**config)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{name} has an invalid model config: {error}") from None
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise UserError(f"{name} has no vocabulary (a list of words)")
+    try:
+        vocab = Vocabulary(words)
+    except ValueError as error:
+        raise UserError(f"{name} has an invalid vocabulary: {error}") from None
+    if len(vocab) != model_config.vocab_size:
+        raise UserError(
+            f"{name} has {len(vocab)} vocabulary words but a model config with "
+            f"vocab_size={model_config.vocab_size}"
+        )
+    return TransformerLM(model_config), vocab
+
+
+def _brief(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+# ---------------------------------------------------------------------------
+# Export: safetensors weights plus readable JSON.
+
+
+def export(model: TransformerLM, vocab: Vocabulary, folder: str | Path) -> Path:
+    """Write `model.safetensors`, `config.json` and `vocab.json` into `folder`; return it."""
+    out = Path(folder).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export folder {folder} is a file; pass a folder path")
+    out.mkdir(parents=True, exist_ok=True)
+    # save_model stores tied weights (lm_head = token_embedding) once
+    safetensors.torch.save_model(
+        model, str(out / WEIGHTS_FILE), metadata={"lmlab_format": str(CHECKPOINT_FORMAT)}
+    )
+    (out / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    vocab.save(out / VOCAB_FILE)
+    return out
+
+
+def _load_export(folder: Path, name: str) -> tuple[TransformerLM, Vocabulary]:
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise UserError(
+            f"{name} is not an exported lmlab model: missing {', '.join(missing)}; "
+            f"write one with python generate.py ckpt=CKPT export={name}"
+        )
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        words = json.loads((folder / VOCAB_FILE).read_text()).get("words")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise UserError(f"{name}: {CONFIG_FILE} or {VOCAB_FILE} is not valid: {error}") from None
+    model, vocab = _build(config, words, name)
+    try:
+        safetensors.torch.load_model(model, folder / WEIGHTS_FILE, strict=True)
+    except (RuntimeError, OSError, safetensors.SafetensorError) as error:
+        raise UserError(
+            f"{folder / WEIGHTS_FILE} is truncated, corrupted or does not match {CONFIG_FILE}: "
+            f"{_brief(error)}"
+        ) from None
+    return model, vocab
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmlab.checkpoint", description="Export an lmlab checkpoint."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    export_cmd = commands.add_parser("export", help="write safetensors + JSON into a folder")
+    export_cmd.add_argument("source", help="a .ckpt file, an http(s) URL or an exported folder")
+    export_cmd.add_argument("folder", help="the folder to write")
+    args = parser.parse_args(argv)
+    model, vocab = load_model(args.source)
+    print(f"exported {args.source} to {export(model, vocab, args.folder)}")
+
+
+if __name__ == "__main__":
+    main()

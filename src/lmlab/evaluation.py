@@ -1,0 +1,283 @@
+"""Word-level perplexity of a whole split, and BLEU of the model's sentence continuations.
+
+`main` holds eval.py's steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+
+from lmlab.checkpoint import is_url, load_model
+from lmlab.errors import UserError
+from lmlab.generation import (
+    Decoding,
+    continue_prompts,
+    prompt_ids,
+    resolve_device,
+    until_eos,
+    warn,
+)
+from lmlab.model import TransformerLM
+from lmlab.vocab import Vocabulary, tokenize
+
+
+def read_text(cfg: Mapping) -> tuple[list[str], str]:
+    """The lines to evaluate and their name: `text_file`, or a `split` of the data config."""
+    if cfg.get("text_file") is None:
+        return instantiate(cfg["data"]).read_lines(cfg["split"]), cfg["split"]
+    path = Path(cfg["text_file"]).expanduser()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read text_file {cfg['text_file']}: {error}") from None
+    if not any(line.strip() for line in lines):
+        raise UserError(f"text_file {cfg['text_file']} holds no words")
+    return lines, path.stem
+
+
+def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor:
+    """The token ids (int64) of `lines` as training encodes them: each line's words, then `<eos>`."""
+    words = [word for line in lines for word in tokenize(line)]
+    unknown = vocab.unknown(words)
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        warn(
+            f"{len(unknown)} distinct word(s) of {source} are not in the checkpoint's vocabulary "
+            f"and read as <unk>: {shown}"
+        )
+    return torch.tensor(vocab.encode(words), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------
+# Perplexity.
+
+
+def _windows(
+    tokens: Tensor, seq_len: int, stride: int, eos_id: int, ignore_index: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Windows of `seq_len` tokens advancing by `stride`; each scores only tokens not yet scored."""
+    stream = torch.cat([torch.tensor([eos_id]), tokens.long()])
+    inputs, targets = stream[:-1], stream[1:]
+    total = len(targets)
+    scored = 0  # targets [0, scored) already have a prediction
+    begin = 0
+    while scored < total:
+        end = min(begin + seq_len, total)
+        x = inputs.new_full((seq_len,), eos_id)
+        y = targets.new_full((seq_len,), ignore_index)
+        x[: end - begin] = inputs[begin:end]
+        y[scored - begin : end - begin] = targets[scored:end]
+        yield x, y
+        scored = end
+        begin += stride
+
+
+def perplexity(
+    model: TransformerLM,
+    tokens: Tensor,
+    *,
+    seq_len: int,
+    stride: int | None = None,
+    batch_size: int = 32,
+    eos_id: int = 0,
+) -> dict[str, float | int]:
+    """Perplexity over every token of `tokens` (1-D ids), each predicted exactly once.
+
+    The stream starts with `<eos>`, as in training, so the first token is
+    predicted too. Without `stride`: non-overlapping blocks of `seq_len`, the
+    last one padded, which is exactly how training validates (`TokenBlocks`
+    with `pad_last=True`). With `stride` s: windows of `seq_len` tokens that
+    advance by s; the first scores all its tokens, each later one its newest
+    s, so every token after the first window sees at least `seq_len - s`
+    earlier tokens.
+    """
+    # lmlab.data brings in Lightning, seconds to import: imported here so that
+    # eval.py turns a bad checkpoint or value away before paying for it.
+    from lmlab.data import IGNORE_INDEX, TokenBlocks
+
+    if stride is None:
+        blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
+        pairs = zip(blocks.inputs, blocks.targets, strict=True)
+    else:
+        pairs = _windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
+    device = next(model.parameters()).device
+    total_nll, count = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        while batch := list(islice(pairs, batch_size)):
+            inputs = torch.stack([x for x, _ in batch]).to(device)  # (B, seq_len)
+            targets = torch.stack([y for _, y in batch]).to(device)
+            logits = model(inputs).float()  # (B, seq_len, vocab)
+            nll = F.cross_entropy(
+                logits.flatten(0, 1),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total_nll += float(nll.double())
+            count += int((targets != IGNORE_INDEX).sum())
+    mean = total_nll / max(count, 1)
+    return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+
+
+# ---------------------------------------------------------------------------
+# BLEU of continuations.
+
+
+def continuation_bleu(
+    model: TransformerLM,
+    vocab: Vocabulary,
+    lines: Sequence[str],
+    *,
+    prompt_words: int,
+    num_sentences: int,
+    decoding: Decoding,
+    generator: torch.Generator | None = None,
+    n_gram: int = 4,
+    smooth: bool = False,
+    batch_size: int = 32,
+) -> dict | None:
+    """Corpus BLEU of continuations against the true ends of the first `num_sentences` sentences.
+
+    A sentence with more than `prompt_words` words is cut after `prompt_words`;
+    the model continues that prompt (after `<eos>`, as in training) with as many
+    tokens as the true remainder has words, and a continuation stops at its
+    first `<eos>`. None when no sentence is long enough.
+    """
+    from torchmetrics.text import BLEUScore  # seconds to import: only when BLEU is asked for
+
+    sentences = [words for words in (line.split() for line in lines) if len(words) > prompt_words]
+    sentences = sentences[:num_sentences]
+    if not sentences:
+        return None
+    block_size = model.config.block_size
+    prompts = [prompt_ids(words[:prompt_words], vocab, block_size) for words in sentences]
+    lengths = [len(words) - prompt_words for words in sentences]
+    continuations = continue_prompts(
+        model,
+        prompts,
+        lengths,
+        decoding,
+        eos_id=vocab.eos_id,
+        generator=generator,
+        batch_size=batch_size,
+    )
+    predictions = [vocab.decode(until_eos(samples[0], vocab.eos_id)) for samples in continuations]
+    references = [[" ".join(words[prompt_words:])] for words in sentences]
+    score = BLEUScore(n_gram=n_gram, smooth=smooth)(predictions, references)
+    examples = [
+        {"prompt": " ".join(words[:prompt_words]), "reference": ref[0], "continuation": pred}
+        for words, ref, pred in list(zip(sentences, references, predictions, strict=True))[:3]
+    ]
+    return {"bleu": float(score), "sentences": len(sentences), "examples": examples}
+
+
+# ---------------------------------------------------------------------------
+# eval.py: its checks and its steps.
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_eval_config(cfg: Mapping) -> Decoding:
+    """Check eval.py's values before anything is loaded; return the BLEU decoding settings."""
+    if cfg.get("ckpt") is None:
+        raise UserError(
+            "pass ckpt= a .ckpt file written by train.py, its URL or an exported folder"
+        )
+    splits = list(cfg.get("data", {}).get("files", {}))
+    if cfg.get("text_file") is None and cfg.get("split") not in splits:
+        raise UserError(f"split must be one of {', '.join(splits)}; got {cfg.get('split')!r}")
+    for key in ("seq_len", "stride"):
+        value = cfg.get(key)
+        if value is not None and not _positive_int(value):
+            raise UserError(f"{key} must be a positive integer or null, got {value!r}")
+    if not _positive_int(cfg.get("batch_size")):
+        raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
+    bleu = cfg.get("bleu") or {}
+    num_sentences = bleu.get("num_sentences", 0)
+    if not (isinstance(num_sentences, int) and num_sentences >= 0):
+        raise UserError(
+            f"bleu.num_sentences must be an integer >= 0 (0 skips BLEU), got {num_sentences!r}"
+        )
+    for key in ("prompt_words", "n_gram"):
+        if not _positive_int(bleu.get(key)):
+            raise UserError(f"bleu.{key} must be a positive integer, got {bleu.get(key)!r}")
+    try:
+        return Decoding.from_config(bleu).check(max_new_tokens=0)
+    except UserError as error:
+        raise UserError(f"bleu: {error}") from None
+
+
+def check_window(seq_len: int | None, stride: int | None, block_size: int) -> int:
+    """The block length to use: `seq_len`, or the model's `block_size` when None."""
+    seq_len = block_size if seq_len is None else seq_len
+    if seq_len > block_size:
+        raise UserError(f"seq_len={seq_len} exceeds the model's block_size of {block_size}")
+    if stride is not None and stride > seq_len:
+        raise UserError(
+            f"stride={stride} exceeds seq_len={seq_len}: tokens between windows would never be "
+            "predicted; use a stride <= seq_len"
+        )
+    return seq_len
+
+
+def default_output(ckpt: str, name: str) -> Path:
+    """Beside the checkpoint (`best.ckpt` -> `best.eval_test.json`), or here for a URL."""
+    if is_url(ckpt):
+        return Path(f"eval_{name}.json")
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        return path / f"eval_{name}.json"
+    return path.with_name(f"{path.stem}.eval_{name}.json")
+
+
+def main(cfg: DictConfig) -> dict:
+    """eval.py's steps, given its composed config (conf/eval.yaml); returns the results."""
+    bleu_decoding = check_eval_config(cfg)  # before loading anything: typos fail fast
+    device = resolve_device(cfg.device)
+    model, vocab = load_model(cfg.ckpt, device=device)
+    seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size)
+    lines, name = read_text(cfg)
+
+    tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
+    results = {"checkpoint": str(cfg.ckpt), "data": name, "seq_len": seq_len, "stride": cfg.stride}
+    results.update(
+        perplexity(model, tokens, seq_len=seq_len, stride=cfg.stride, batch_size=cfg.batch_size)
+    )
+    summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
+    if cfg.bleu.num_sentences > 0:
+        results["bleu"] = continuation_bleu(
+            model,
+            vocab,
+            lines,
+            prompt_words=cfg.bleu.prompt_words,
+            num_sentences=cfg.bleu.num_sentences,
+            decoding=bleu_decoding.check(0, vocab_size=len(vocab)),
+            generator=torch.Generator(device=device).manual_seed(cfg.seed),
+            n_gram=cfg.bleu.n_gram,
+            smooth=cfg.bleu.smooth,
+            batch_size=cfg.batch_size,
+        )
+        bleu = results["bleu"]
+        if bleu is None:
+            warn(f"no sentence has more than bleu.prompt_words={cfg.bleu.prompt_words} words")
+        else:
+            summary += f" | BLEU {bleu['bleu']:.4f} over {bleu['sentences']} sentences"
+
+    output = Path(cfg.output) if cfg.output else default_output(str(cfg.ckpt), name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{summary} | wrote {output}")
+    return results

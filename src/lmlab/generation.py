@@ -1,0 +1,297 @@
+"""Text in, text out: prompts encoded with a checkpoint's vocabulary, continued in batches.
+
+`main` holds generate.py's steps; eval.py uses the rest for BLEU of continuations. A prompt starts a
+sentence: it is fed after `<eos>`, as every sentence follows one in training.
+The model has no padding mask, so prompts are grouped by token length and each
+group is decoded as one batch; nothing is padded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from lmlab.checkpoint import export, load_model
+from lmlab.decoding import beam_search, check_decoding_args, generate
+from lmlab.errors import UserError
+from lmlab.vocab import Vocabulary, tokenize
+
+STRATEGIES = ("greedy", "sample", "beam")
+OUTPUTS = ("text", "jsonl")
+
+
+def warn(message: str) -> None:
+    """One line on stderr, for things the user should know but that are not errors."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to continue prompts: `greedy`, `sample` (temperature, top-k, top-p) or `beam`."""
+
+    strategy: str = "sample"
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    num_samples: int = 1
+    stop_at_eos: bool = False
+
+    @classmethod
+    def from_config(cls, node: Mapping) -> Decoding:
+        """The fields of `node` that name a `Decoding` field; the rest keep their defaults."""
+        return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
+
+    def check(self, max_new_tokens: int, vocab_size: int | None = None) -> Decoding:
+        """Raise `UserError` on the first bad value; return self with top_k clipped to the vocabulary.
+
+        Every value is checked whatever the strategy, so a typo never goes unnoticed.
+        """
+        if self.strategy not in STRATEGIES:
+            raise UserError(
+                f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}"
+            )
+        if not isinstance(self.stop_at_eos, bool):
+            raise UserError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                top_k = check_decoding_args(
+                    temperature=self.temperature,
+                    top_k=self.top_k,
+                    top_p=self.top_p,
+                    num_beams=self.num_beams,
+                    max_new_tokens=max_new_tokens,
+                    num_samples=self.num_samples,
+                    length_penalty=self.length_penalty,
+                    vocab_size=vocab_size,
+                )
+            except ValueError as error:  # decoding.py speaks Python; users type Hydra values
+                raise UserError(str(error).replace("=None", "=null")) from None
+        for warning in caught:
+            warn(str(warning.message))
+        if self.num_samples > 1 and self.strategy != "sample":
+            raise UserError(
+                f"num_samples={self.num_samples} needs strategy=sample; greedy decoding and "
+                "beam search give one continuation per prompt"
+            )
+        return replace(self, top_k=top_k)
+
+
+# ---------------------------------------------------------------------------
+# Prompts.
+
+
+def read_prompts(prompt: object, prompts_file: str | None) -> list[str]:
+    """The prompt texts: `prompt`, or the non-blank lines of `prompts_file`."""
+    if prompt is not None and prompts_file is not None:
+        raise UserError("pass prompt= or prompts_file=, not both")
+    if prompts_file is not None:
+        path = Path(prompts_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read prompts_file {prompts_file}: {error}") from None
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(f"prompts_file {prompts_file} holds no prompt; write one per line")
+        return prompts
+    if prompt is None:
+        raise UserError(
+            'pass a prompt: prompt="the company said", or prompts_file=FILE with one per line'
+        )
+    text = str(prompt)  # Hydra reads prompt=1987 as a number
+    if not text.strip():
+        raise UserError('the prompt is empty; pass some words, e.g. prompt="the company said"')
+    return [text]
+
+
+def prompt_words(text: str) -> list[str]:
+    """A prompt lower-cased and split like the PTB files (without the closing `<eos>`)."""
+    return tokenize(text.lower())[:-1]
+
+
+def prompt_ids(words: Sequence[str], vocab: Vocabulary, block_size: int) -> list[int]:
+    """`<eos>` then the ids of `words`, cut from the left to the model's `block_size`."""
+    return ([vocab.eos_id, *vocab.encode(words)])[-block_size:]
+
+
+def encode_prompts(texts: Sequence[str], vocab: Vocabulary, block_size: int) -> list[list[int]]:
+    """Each prompt's ids, with one warning listing every word read as `<unk>`."""
+    words = [prompt_words(text) for text in texts]
+    unknown = vocab.unknown(w for prompt in words for w in prompt)
+    if unknown:
+        warn(
+            f"{len(unknown)} prompt word(s) not in the vocabulary, read as <unk>: "
+            + ", ".join(unknown)
+        )
+    too_long = [i for i, prompt in enumerate(words) if len(prompt) + 1 > block_size]
+    if too_long:
+        warn(
+            f"{len(too_long)} prompt(s) longer than the model's context of {block_size} tokens "
+            "are cut from the left"
+        )
+    return [prompt_ids(prompt, vocab, block_size) for prompt in words]
+
+
+# ---------------------------------------------------------------------------
+# Decoding in batches.
+
+
+def continue_prompts(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    decoding: Decoding,
+    *,
+    eos_id: int,
+    generator: torch.Generator | None = None,
+    batch_size: int = 32,
+) -> list[list[list[int]]]:
+    """New token ids, `result[prompt][sample]`; a continuation ends before its `<eos>` with `stop_at_eos`.
+
+    `max_new_tokens` is one number or one per prompt. Prompts of one token
+    length (and one `max_new_tokens`) are decoded together, in input order, in
+    batches of `batch_size` prompts, so a seeded `generator` gives the same text
+    on every run.
+    """
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    samples = decoding.num_samples
+    device = next(model.parameters()).device
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (prompt, new) in enumerate(zip(prompts, max_new_tokens, strict=True)):
+        groups.setdefault((len(prompt), new), []).append(i)
+    results: list[list[list[int]]] = [[[] for _ in range(samples)] for _ in prompts]
+    for (length, new), members in sorted(groups.items()):
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            ids = torch.tensor([list(prompts[i]) for i in chunk], device=device)
+            ids = ids.repeat_interleave(samples, dim=0)  # (len(chunk) * samples, length)
+            if decoding.strategy == "beam":
+                out, _ = beam_search(
+                    model,
+                    ids,
+                    new,
+                    num_beams=decoding.num_beams,
+                    length_penalty=decoding.length_penalty,
+                    eos_id=eos_id,
+                    stop_at_eos=decoding.stop_at_eos,
+                )
+            else:
+                out = generate(
+                    model,
+                    ids,
+                    new,
+                    temperature=0.0 if decoding.strategy == "greedy" else decoding.temperature,
+                    top_k=decoding.top_k,
+                    top_p=decoding.top_p,
+                    eos_id=eos_id,
+                    stop_at_eos=decoding.stop_at_eos,
+                    generator=generator,
+                )
+            for row, tokens in enumerate(out[:, length:].tolist()):
+                if decoding.stop_at_eos:
+                    tokens = until_eos(tokens, eos_id)
+                results[chunk[row // samples]][row % samples] = tokens
+    return results
+
+
+def until_eos(tokens: list[int], eos_id: int) -> list[int]:
+    """`tokens` up to, not including, the first `eos_id`."""
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is available; use device=cpu")
+    return device
+
+
+def format_continuations(
+    texts: Sequence[str],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    vocab: Vocabulary,
+    output: str,
+) -> Iterator[str]:
+    """Output lines: `text` gives each continuation on its own line, `jsonl` one object each."""
+    for text, samples in zip(texts, continuations, strict=True):
+        for sample, tokens in enumerate(samples):
+            words = vocab.decode(tokens)
+            if output == "jsonl":
+                yield json.dumps({"prompt": text, "sample": sample, "continuation": words})
+            else:
+                yield words
+
+
+# ---------------------------------------------------------------------------
+# generate.py: its checks and its steps.
+
+
+def check_generate_config(cfg: Mapping) -> Decoding:
+    """Check generate.py's values before anything is loaded; return the decoding settings."""
+    if cfg.get("ckpt") is None:
+        raise UserError(
+            "pass ckpt= a .ckpt file written by train.py, its URL or an exported folder"
+        )
+    max_new_tokens = cfg.get("max_new_tokens")
+    decoding = Decoding.from_config(cfg).check(max_new_tokens)
+    if cfg.get("output") not in OUTPUTS:
+        raise UserError(f"output must be one of {', '.join(OUTPUTS)}; got {cfg.get('output')!r}")
+    seed, batch_size = cfg.get("seed"), cfg.get("batch_size")
+    if not (_is_int(seed) and seed >= 0):
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if not (_is_int(batch_size) and batch_size >= 1):
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    export = cfg.get("export")
+    if export is not None and not str(export).strip():
+        raise UserError("export= needs a folder path, e.g. export=exported/ptb_small")
+    return decoding
+
+
+def main(cfg: DictConfig) -> None:
+    """generate.py's steps, given its composed config (conf/generate.yaml)."""
+    decoding = check_generate_config(cfg)  # before loading anything: typos fail fast
+    export_only = cfg.export is not None and cfg.prompt is None and cfg.prompts_file is None
+    texts = [] if export_only else read_prompts(cfg.prompt, cfg.prompts_file)
+    device = resolve_device(cfg.device)
+    model, vocab = load_model(cfg.ckpt, device=device)
+    if cfg.export is not None:
+        print(f"exported {cfg.ckpt} to {export(model, vocab, cfg.export)}")
+    if export_only:
+        return
+
+    decoding = decoding.check(cfg.max_new_tokens, vocab_size=len(vocab))  # clips top_k
+    prompts = encode_prompts(texts, vocab, model.config.block_size)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    continuations = continue_prompts(
+        model,
+        prompts,
+        cfg.max_new_tokens,
+        decoding,
+        eos_id=vocab.eos_id,
+        generator=generator,
+        batch_size=cfg.batch_size,
+    )
+    for line in format_continuations(texts, continuations, vocab, cfg.output):
+        print(line)
