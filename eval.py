@@ -1,20 +1,9 @@
-"""Evaluate a trained model: python eval.py ckpt=PATH [split=test]. See docs/decoding.md.
+"""Evaluate a trained model: python eval.py ckpt=PATH [split=test]. See README.md.
 
-The steps are lmlab.evaluation.main; this file makes them a Hydra app.
+The same app as the console script `lmlab-eval`; the steps are in src/lmlab/evaluation.py.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from lmlab import evaluation
-from lmlab.errors import report_user_errors
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-@report_user_errors
-def main(cfg: DictConfig) -> dict:
-    return evaluation.main(cfg)
-
+from lmlab.cli import eval_main
 
 if __name__ == "__main__":
-    main()
+    eval_main()

@@ -1,20 +1,9 @@
-"""Continue prompts with a trained model: python generate.py ckpt=PATH prompt="...". See docs/decoding.md.
+"""Continue prompts with a trained model: python generate.py ckpt=PATH prompt="...". See README.md.
 
-The steps are lmlab.generation.main; this file makes them a Hydra app.
+The same app as the console script `lmlab-generate`; the steps are in src/lmlab/generation.py.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from lmlab import generation
-from lmlab.errors import report_user_errors
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    generation.main(cfg)
-
+from lmlab.cli import generate_main
 
 if __name__ == "__main__":
-    main()
+    generate_main()

@@ -1,12 +1,8 @@
-"""Console scripts: `lmlab-train` and `python train.py` run the same Hydra app.
+"""Console scripts: `lmlab-train`, `lmlab-generate`, `lmlab-eval` are train.py, generate.py, eval.py.
 
 Each entry point is one line: `entry_point("module:function", "config name")`.
 The function takes the composed config; the module is imported only when the
-app runs, so `--help` answers without loading torch or Lightning. Adding
-`lmlab-generate`: its steps become `lmlab/generate.py:main(cfg)`, then
-`generate_main = entry_point("lmlab.generate:main", "generate")` here,
-`lmlab-generate = "lmlab.cli:generate_main"` under pyproject's
-`[project.scripts]`, and generate.py calls `generate_main()` as train.py does.
+app runs, so `--help` answers without loading torch or Lightning.
 
 Where the configs come from: `conf/` stays at the repository root (train.py,
 the tests and every recipe use it there). A plain `pip install .` ships the
@@ -67,3 +63,5 @@ def entry_point(target: str, config_name: str) -> Callable[[], Any]:
 
 
 train_main = entry_point("lmlab.train:main", "train")
+generate_main = entry_point("lmlab.generation:main", "generate")
+eval_main = entry_point("lmlab.evaluation:main", "eval")
