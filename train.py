@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,11 +14,19 @@ from omegaconf import DictConfig
 
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.errors import report_user_errors
+from lmlab.failsafe import (
+    AtomicCheckpointIO,
+    prepare_checkpoint_dirs,
+    run_callbacks,
+    stop_on_signals,
+)
 from lmlab.lit_module import LanguageModel
+from lmlab.resume import resume_argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @report_user_errors
+@stop_on_signals
 def main(cfg: DictConfig) -> float:
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -36,9 +45,12 @@ def main(cfg: DictConfig) -> float:
     )
     trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_each(cfg.get("callbacks")),
+        callbacks=[*instantiate_each(cfg.get("callbacks")), *run_callbacks()],
         logger=instantiate_each(cfg.get("logger")) or False,
+        plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
     )
+    if trainer.is_global_zero:
+        prepare_checkpoint_dirs(trainer.checkpoint_callbacks)
 
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
@@ -49,7 +61,7 @@ def main(cfg: DictConfig) -> float:
             json.dumps(model_config.to_dict(), indent=2)
         )
 
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -71,4 +83,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = report_user_errors(resume_argv)(sys.argv)  # resume=RUN_DIR: continue that run
     main()
