@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.data import file_md5
 from lmlab.errors import UserError
-from lmlab.failsafe import prepare_checkpoint_dirs
+from lmlab.failsafe import AtomicCheckpointIO, prepare_checkpoint_dirs
 from lmlab.resume import resume_argv
 
 ROW = re.compile(r"^\| `(?P<input>.+)` \| (?P<exit>\d) \| `(?P<message>.+)` \|$")
@@ -166,3 +166,49 @@ def test_nan_loss_stops_without_a_nan_checkpoint(
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 4
     assert all(t.isfinite().all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
+# -- checkpoint files -----------------------------------------------------------
+
+
+def _checkpoint(value: float, step: int = 1) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((3,), value)}}
+
+
+def test_checkpoint_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(_checkpoint(1.0), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device; the previous one is intact"):
+        io.save_checkpoint(_checkpoint(2.0, step=2), path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0] * 3
+
+
+def test_non_finite_weights_are_never_written(tmp_path: Path) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(_checkpoint(1.0), path)
+    with pytest.raises(UserError, match="weights are not finite at step 2 \\(w\\)"):
+        io.save_checkpoint(_checkpoint(float("nan"), step=2), path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_stale_temporary_checkpoints_are_removed_before_training(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".last.ckpt.0123abcd.tmp").write_bytes(b"")
+    (folder / "notes.tmp").write_text("not ours")
+
+    class Callback:
+        dirpath = str(folder)
+
+    prepare_checkpoint_dirs([Callback()])
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp"]

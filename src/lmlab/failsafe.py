@@ -69,6 +69,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # mmap: checks the archive and its pickle without reading every tensor
             torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:  # disk full, folder gone, ...
+            tmp.unlink(missing_ok=True)
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise UserError(
+                f"could not write checkpoint {path}: {reason}; the previous one is intact"
+            ) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -209,6 +215,11 @@ class GracefulStop(Checkpoint):
     A `Checkpoint` subclass, so Lightning runs it after the ModelCheckpoints:
     the state it saves includes theirs.
     """
+
+    # What code reading `trainer.checkpoint_callback` expects, should this be the
+    # first Checkpoint (no ModelCheckpoint configured).
+    best_model_path = ""
+    best_model_score = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         STOP.install()  # after Lightning has installed its handlers for this fit
