@@ -41,18 +41,31 @@ def config_dir() -> Path:
     )
 
 
-def entry_point(target: str, config_name: str) -> Callable[[], Any]:
-    """A console-script function running `target` ("module:function") as a Hydra app."""
+def _load(target: str) -> Any:
+    module_name, _, function_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def entry_point(
+    target: str, config_name: str, argv_rewrite: str | None = None
+) -> Callable[[], Any]:
+    """A console-script function running `target` ("module:function") as a Hydra app.
+
+    `argv_rewrite` ("module:function") may rewrite the command line before
+    Hydra reads it: `resume=RUN_DIR` picks the run folder and stored config.
+    """
     module_name, _, function_name = target.partition(":")
 
     def task(cfg: DictConfig) -> Any:
-        return getattr(importlib.import_module(module_name), function_name)(cfg)
+        return _load(target)(cfg)
 
     # Hydra names the job after the task's module: the log file is train.log, as with train.py.
     task.__module__ = module_name
     task.__name__ = task.__qualname__ = function_name
 
     def main() -> Any:
+        if argv_rewrite is not None:
+            sys.argv = report_user_errors(_load(argv_rewrite))(sys.argv)
         app = hydra.main(
             version_base="1.3", config_path=str(config_dir()), config_name=config_name
         )(report_user_errors(task))
@@ -62,6 +75,6 @@ def entry_point(target: str, config_name: str) -> Callable[[], Any]:
     return main
 
 
-train_main = entry_point("lmlab.train:main", "train")
+train_main = entry_point("lmlab.train:main", "train", argv_rewrite="lmlab.resume:resume_argv")
 generate_main = entry_point("lmlab.generation:main", "generate")
 eval_main = entry_point("lmlab.evaluation:main", "eval")

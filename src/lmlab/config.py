@@ -3,82 +3,166 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.errors import UserError
 from lmlab.model import TransformerConfig
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in(
+    low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    return check
+
+
+def _int(low: int) -> Callable[[Any], bool]:
+    return lambda value: _is_int(value) and value >= low
+
+
+def _or_null(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda value: not isinstance(value, bool) and value in choices
+
+
+def _run_limit(value: Any) -> bool:
+    """`max_epochs`, `max_steps`: a positive count, or -1 for no limit."""
+    return _is_int(value) and (value == -1 or value >= 1)
+
+
+def _batch_limit(value: Any) -> bool:
+    """`limit_*_batches`: a fraction of the split, or a number of batches."""
+    return (_is_int(value) and value >= 0) or (_is_number(value) and 0 <= value <= 1)
+
+
+def _interval(value: Any) -> bool:
+    """`val_check_interval`: a fraction of an epoch, or a number of batches."""
+    return (_is_int(value) and value >= 1) or (_is_number(value) and 0 < value <= 1)
+
+
+def _probability_pair(value: Any) -> bool:
+    return len(value) == 2 and all(_is_number(v) and 0 <= v < 1 for v in value)
+
+
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
+PRECISIONS += ("64", "32", "16", "bf16", 64, 32, 16)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+POSITIVE = "a positive integer"
+NUMBER = "a number"
+
+# The typed schema of the training config: key, what its value must be, the
+# test. A key may have a type rule, then a range rule. Keys a config does not
+# have are skipped (optimizers take different arguments).
+RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
+    ("seed", "an integer", _is_int),
+    ("test", "true or false", _is_bool),
+    ("compile", "true or false", _is_bool),
+    ("optimizer.lr", NUMBER, _is_number),
+    ("optimizer.lr", "> 0", _in(0, math.inf, low_open=True)),
+    ("optimizer.weight_decay", NUMBER, _is_number),
+    ("optimizer.weight_decay", ">= 0", _in(0, math.inf)),
+    ("optimizer.eps", NUMBER, _is_number),
+    ("optimizer.eps", "> 0", _in(0, math.inf, low_open=True)),
+    ("optimizer.momentum", NUMBER, _is_number),
+    ("optimizer.momentum", "in [0, 1)", _in(0, 1, high_open=True)),
+    ("optimizer.betas", "two numbers in [0, 1)", _probability_pair),
+    ("data.seq_len", POSITIVE, _int(1)),
+    ("data.batch_size", POSITIVE, _int(1)),
+    ("data.eval_batch_size", f"{POSITIVE} or null", _or_null(_int(1))),
+    ("data.num_workers", "a non-negative integer", _int(0)),
+    ("model.block_size", POSITIVE, _int(1)),
+    ("model.n_layer", POSITIVE, _int(1)),
+    ("model.n_head", POSITIVE, _int(1)),
+    ("model.n_embd", POSITIVE, _int(1)),
+    ("model.mlp_ratio", POSITIVE, _int(1)),
+    ("model.dropout", NUMBER, _is_number),
+    ("model.dropout", "in [0, 1)", _in(0, 1, high_open=True)),
+    ("model.bias", "true or false", _is_bool),
+    ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
+    ("scheduler.min_lr_ratio", NUMBER, _is_number),
+    ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
+    ("trainer.accelerator", f"one of {', '.join(ACCELERATORS)}", _one_of(*ACCELERATORS)),
+    (
+        "trainer.devices",
+        f"{POSITIVE}, -1 or 'auto'",
+        lambda v: v in ("auto", -1) or (_is_int(v) and v >= 1),
+    ),
+    ("trainer.precision", f"one of {', '.join(PRECISIONS[:6])}", _one_of(*PRECISIONS)),
+    ("trainer.max_epochs", f"{POSITIVE} (or -1 for no limit)", _or_null(_run_limit)),
+    ("trainer.max_steps", f"{POSITIVE} (or -1 for no limit)", _run_limit),
+    ("trainer.gradient_clip_val", ">= 0 or null", _or_null(_in(0, math.inf))),
+    ("trainer.accumulate_grad_batches", POSITIVE, _int(1)),
+    ("trainer.log_every_n_steps", POSITIVE, _int(1)),
+    ("trainer.val_check_interval", "in (0, 1] or a number of batches", _interval),
+    ("trainer.check_val_every_n_epoch", f"{POSITIVE} or null", _or_null(_int(1))),
+    (
+        "trainer.limit_train_batches",
+        "in [0, 1], a number of batches or null",
+        _or_null(_batch_limit),
+    ),
+    ("trainer.limit_val_batches", "in [0, 1], a number of batches or null", _or_null(_batch_limit)),
+    (
+        "trainer.limit_test_batches",
+        "in [0, 1], a number of batches or null",
+        _or_null(_batch_limit),
+    ),
+]
+_ABSENT = object()
+EVERY_N_STEPS = (
+    "every_n_train_steps",
+    "a non-negative integer (0: never) or null",
+    _or_null(_int(0)),
+)
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Stop with one line on the first value out of range, before any work starts."""
-    lr = _value(cfg, "optimizer.lr")
-    _check(lr > 0, f"optimizer.lr must be > 0, got {lr}")
-    weight_decay = _value(cfg, "optimizer.weight_decay", default=0.0)
-    _check(weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {weight_decay}")
+    """Stop with one line on the first value of the wrong type or out of range, before any work."""
+    rules = list(RULES)
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if isinstance(node, DictConfig) and EVERY_N_STEPS[0] in node:
+            rules.append((f"callbacks.{name}.{EVERY_N_STEPS[0]}", *EVERY_N_STEPS[1:]))
+    for key, expected, check in rules:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, ListConfig):
+            value = list(value)
+        try:
+            ok = check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise UserError(f"{key} must be {expected}, got {value!r}")
 
-    for key in ("data.seq_len", "data.batch_size"):
-        value = cfg.get("data", {}).get(key.split(".")[1])
-        _check(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"{key} must be a positive integer, got {value!r}",
-        )
-
+    # what single values cannot show: n_embd divisible by n_head, and the like
     model_args = {k: v for k, v in cfg.model.items() if k != "_target_"}
     try:
         TransformerConfig(**model_args)
     except (TypeError, ValueError) as error:
         raise UserError(str(error)) from None
-
-    if cfg.get("scheduler") is not None:
-        warmup = cfg.scheduler.get("warmup_steps", 0)
-        _check(
-            isinstance(warmup, int) and warmup >= 0,
-            f"scheduler.warmup_steps must be a non-negative integer, got {warmup!r}",
-        )
-        ratio = cfg.scheduler.get("min_lr_ratio", 0.0)
-        _check(
-            isinstance(ratio, int | float) and 0 <= ratio <= 1,
-            f"scheduler.min_lr_ratio must be in [0, 1], got {ratio!r}",
-        )
-
-    trainer = cfg.trainer
-    devices = trainer.get("devices", 1)
-    _check(
-        devices in ("auto", -1) or (isinstance(devices, int) and devices >= 1),
-        f"trainer.devices must be a positive integer, -1 or 'auto', got {devices!r}",
-    )
-    max_epochs = trainer.get("max_epochs")
-    _check(
-        max_epochs is None
-        or (isinstance(max_epochs, int) and max_epochs >= -1 and max_epochs != 0),
-        f"trainer.max_epochs must be a positive integer (or -1 for no limit), got {max_epochs!r}",
-    )
-    max_steps = trainer.get("max_steps", -1)
-    _check(
-        isinstance(max_steps, int) and (max_steps == -1 or max_steps >= 1),
-        f"trainer.max_steps must be a positive integer (or -1 for no limit), got {max_steps!r}",
-    )
-    clip = trainer.get("gradient_clip_val")
-    _check(
-        clip is None or (isinstance(clip, int | float) and clip >= 0),
-        f"trainer.gradient_clip_val must be >= 0 or null, got {clip!r}",
-    )
-
-
-def _value(cfg: DictConfig, key: str, default: float | None = None) -> float:
-    group, name = key.split(".")
-    value = cfg.get(group, {}).get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise UserError(f"{key} must be a number, got {value!r}")
-    return float(value)
 
 
 def instantiate_each(nodes: DictConfig | None) -> list[Any]:

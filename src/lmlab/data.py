@@ -97,16 +97,15 @@ class TokenBlocks(Dataset):
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.inputs[index], self.targets[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        index = torch.as_tensor(indices)
+    def __getitem__(self, index: int | list[int]) -> tuple[Tensor, Tensor]:
+        """One block, or a whole batch (`(batch, seq_len)` each) for a list of indices."""
+        if isinstance(index, list):
+            index = torch.as_tensor(index)
         return self.inputs[index], self.targets[index]
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Collate function for `TokenBlocks.__getitems__`, which already returns a batch."""
+    """Collate function for `TokenBlocks`, which already returns whole batches."""
     return batch
 
 
@@ -134,9 +133,11 @@ class BlockBatches(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.start = 0  # batches of `epoch` to skip on the next pass (set when resuming)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
 
     def _batches(self) -> list[list[int]]:
         if self.shuffle:
@@ -149,13 +150,51 @@ class BlockBatches(Sampler[list[int]]):
         return [b.tolist() for b in order.split(self.batch_size)][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        start, self.start = self.start, 0
+        yield from self._batches()[start:]
 
     def __len__(self) -> int:
         if self.shuffle:
             return self.num_blocks // self.world_size // self.batch_size
         num_batches = -(-self.num_blocks // self.batch_size)
         return len(range(self.rank, num_batches, self.world_size))
+
+
+class BatchLoader(DataLoader):
+    """A DataLoader over `BlockBatches` that can stop mid-epoch and continue exactly.
+
+    Checkpoints carry `state_dict()`: the epoch and how many of its batches
+    were served. `load_state_dict()` before the next pass continues from
+    there; a state saved after an epoch's last batch continues with the next
+    epoch, never with the empty rest of the finished one (which would skip a
+    whole epoch).
+    """
+
+    def __init__(self, dataset: TokenBlocks, sampler: BlockBatches, **kwargs) -> None:
+        # The sampler yields whole batches (automatic batching off), so
+        # Lightning finds it as `loader.sampler` and calls its `set_epoch`. The
+        # loader's own generator keeps iterator creation off the global RNG,
+        # whose state a resumed run restores exactly.
+        generator = torch.Generator().manual_seed(sampler.seed)
+        super().__init__(dataset, sampler=sampler, batch_size=None, generator=generator, **kwargs)
+        self.served = 0  # batches of the current epoch handed out so far
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.served = self.sampler.start
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = int(state["epoch"]), int(state["batches"])
+        if served >= len(self.sampler):  # saved on the last batch: the epoch is done
+            epoch, served = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = served
+        self.served = served
 
 
 class LMDataModule(L.LightningDataModule):
@@ -334,9 +373,9 @@ class LMDataModule(L.LightningDataModule):
                 f"the {split} split has {len(blocks)} blocks of {self.seq_len} tokens, too few "
                 f"for one batch of {batch_size} per process; lower data.batch_size or data.seq_len"
             )
-        return DataLoader(
+        return BatchLoader(
             blocks,
-            batch_sampler=sampler,
+            sampler,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

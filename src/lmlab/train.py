@@ -15,10 +15,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.config import check_train_config, instantiate_each
+from lmlab.failsafe import (
+    AtomicCheckpointIO,
+    prepare_checkpoint_dirs,
+    run_callbacks,
+    stop_on_signals,
+)
 from lmlab.lit_module import LanguageModel
 from lmlab.summary import RunSummary
 
 
+@stop_on_signals
 def main(cfg: DictConfig) -> float:
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -37,9 +44,12 @@ def main(cfg: DictConfig) -> float:
     )
     trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_each(cfg.get("callbacks")),
+        callbacks=[*instantiate_each(cfg.get("callbacks")), *run_callbacks()],
         logger=instantiate_each(cfg.get("logger")) or False,
+        plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
     )
+    if trainer.is_global_zero:
+        prepare_checkpoint_dirs(trainer.checkpoint_callbacks)
 
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
@@ -50,7 +60,7 @@ def main(cfg: DictConfig) -> float:
             json.dumps(model_config.to_dict(), indent=2)
         )
 
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""

@@ -1,0 +1,214 @@
+"""Bad input stops before any work with one line; failures mid-run never lose the run.
+
+`test_bad_input` runs every row of the table in docs/failures.md.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_entry_point, tiny_overrides
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf.errors import OmegaConfBaseException
+
+from lmlab.config import check_train_config, instantiate_each
+from lmlab.data import file_md5
+from lmlab.errors import UserError
+from lmlab.failsafe import AtomicCheckpointIO, prepare_checkpoint_dirs
+from lmlab.resume import resume_argv
+
+ROW = re.compile(r"^\| `(?P<input>.+)` \| (?P<exit>\d) \| `(?P<message>.+)` \|$")
+
+
+def _table() -> list[tuple[str, int, str]]:
+    text = (ROOT / "docs" / "failures.md").read_text()
+    section = text.split("## Bad input", 1)[1]
+    rows = [ROW.match(line) for line in section.splitlines() if line.startswith("| `")]
+    assert rows and all(rows), "a row of the bad-input table does not parse"
+    return [(row["input"], int(row["exit"]), row["message"]) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What the table's <placeholders> stand for, made once for every row."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    corpus = tmp / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    (corpus / "empty.txt").write_text("")
+    train = (corpus / "ptb.train.txt").read_bytes()
+    (corpus / "truncated.txt").write_bytes(train[: len(train) // 2])
+    plain_file = tmp / "plain-file"
+    plain_file.write_text("not a folder\n")
+
+    run = tmp / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "paths:\n  output_dir: x\ncallbacks:\n  model_checkpoint:\n"
+        "    _target_: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "    dirpath: ${paths.output_dir}/checkpoints\n"
+    )
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    output_dir: {run}\n    choices:\n      model: tiny\n"
+    )
+    (run / "checkpoints").mkdir()
+    torch.save({"global_step": 3}, run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints" / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    empty_run = tmp / "empty_run"
+    shutil.copytree(run / ".hydra", empty_run / ".hydra")
+
+    return {
+        "<corpus>": str(corpus),
+        "<tmp>": str(tmp),
+        "<file>": str(plain_file),
+        "<run>": str(run),
+        "<empty_run>": str(empty_run),
+        "<train_md5>": file_md5(corpus / "ptb.train.txt"),
+        "<truncated_md5>": file_md5(corpus / "truncated.txt"),
+    }
+
+
+def _fill(text: str, places: dict[str, str]) -> str:
+    for name, value in places.items():
+        text = text.replace(name, value)
+    return text
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def train_checks(overrides: list[str], places: dict[str, str], cache: Path) -> None:
+    """What train.py does before its first training step, in its order, in-process."""
+    argv = resume_argv(["train.py", *overrides])
+    assert argv == ["train.py", *overrides], "this resume should have been refused"
+    base = tiny_overrides(Path(places["<corpus>"]), cache, Path(places["<tmp>"]) / "out")
+    base += [f"paths.output_dir={places['<tmp>']}/out"]
+    keys = {_key(o) for o in overrides}
+    merged = [o for o in base if _key(o) not in keys and _key(o) != "hydra.run.dir"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*merged, *overrides])
+    check_train_config(cfg)
+    instantiate(cfg.data).prepare_data()
+    prepare_checkpoint_dirs(instantiate_each(cfg.callbacks))
+
+
+@pytest.mark.parametrize("row", _table(), ids=lambda row: row[0])
+def test_bad_input(row: tuple[str, int, str], places: dict[str, str], cache_dir: Path) -> None:
+    command_line, exit_code, message = row
+    pattern = re.escape(_fill(message, places)).replace("…", ".+")
+    with pytest.raises((UserError, HydraException, OmegaConfBaseException)) as error:
+        train_checks(_fill(command_line, places).split(), places, cache_dir)
+    if isinstance(error.value, UserError):
+        assert exit_code == 2
+        assert re.fullmatch(pattern, f"error: {error.value}"), f"error: {error.value}"
+    else:  # Hydra's own message: its first line
+        assert exit_code == 1
+        assert re.fullmatch(pattern, str(error.value).splitlines()[0]), str(error.value)
+
+
+def test_slurm_trainer_composes(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=slurm", f"paths.output_dir={tmp_path}"])
+    check_train_config(cfg)
+    (plugin,) = instantiate(cfg.trainer.plugins)
+    assert plugin.auto_requeue and plugin.requeue_signal.name == "SIGUSR1"
+
+
+# -- end to end ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_unwritable_checkpoint_folder_stops_before_training(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"  # root ignores permissions, not a file in the path
+    blocker.write_text("")
+    run = tmp_path / "run"
+    result = run_entry_point(
+        "train.py",
+        *tiny_overrides(corpus_dir, cache_dir, run),
+        f"callbacks.periodic_checkpoint.dirpath={blocker}/checkpoints",
+        env={"LMLAB_RECORD": str(tmp_path / "record.txt")},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint folder {blocker}/checkpoints is not writable: Not a directory"
+    )
+    assert not (tmp_path / "record.txt").exists()  # not one training step
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_without_a_nan_checkpoint(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = run_entry_point(
+        "train.py",
+        *tiny_overrides(corpus_dir, cache_dir, run),
+        "logger=csv",
+        "callbacks.periodic_checkpoint.every_n_train_steps=4",
+        env={"LMLAB_FAULT": "nan@7"},
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: training loss is nan at step 7; stopped before that state was saved "
+        f"(the last good checkpoint is {last}); lower optimizer.lr and train again"
+    )
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in checkpoints] == ["last.ckpt"]
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4
+    assert all(t.isfinite().all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
+# -- checkpoint files -----------------------------------------------------------
+
+
+def _checkpoint(value: float, step: int = 1) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((3,), value)}}
+
+
+def test_checkpoint_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(_checkpoint(1.0), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device; the previous one is intact"):
+        io.save_checkpoint(_checkpoint(2.0, step=2), path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0] * 3
+
+
+def test_non_finite_weights_are_never_written(tmp_path: Path) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(_checkpoint(1.0), path)
+    with pytest.raises(UserError, match="weights are not finite at step 2 \\(w\\)"):
+        io.save_checkpoint(_checkpoint(float("nan"), step=2), path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_stale_temporary_checkpoints_are_removed_before_training(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".last.ckpt.0123abcd.tmp").write_bytes(b"")
+    (folder / "notes.tmp").write_text("not ours")
+
+    class Callback:
+        dirpath = str(folder)
+
+    prepare_checkpoint_dirs([Callback()])
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp"]

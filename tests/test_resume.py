@@ -1,0 +1,227 @@
+"""Exact resume: a run stopped any way and resumed equals the run never stopped."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from forkserver import ForkServer
+
+from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
+from lmlab.resume import resume_argv, rng_state, set_rng_state
+
+
+def _loader(num_blocks: int = 40, batch_size: int = 4) -> BatchLoader:
+    blocks = TokenBlocks(torch.arange(num_blocks * 8), seq_len=8, pad_last=False)
+    sampler = BlockBatches(len(blocks), batch_size, shuffle=True, seed=3)
+    return BatchLoader(blocks, sampler, collate_fn=keep_batch)
+
+
+def _epoch(loader: BatchLoader, epoch: int) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch)
+    return [inputs for inputs, _ in loader]
+
+
+def test_loader_epochs_differ_and_repeat() -> None:
+    loader = _loader()
+    first, second = _epoch(loader, 0), _epoch(loader, 1)
+    assert len(first) == len(loader) == 10
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, _epoch(_loader(), 0), strict=True))
+
+
+def test_loader_resumes_mid_epoch() -> None:
+    loader = _loader()
+    expected = _epoch(_loader(), 2)
+    loader.sampler.set_epoch(2)
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches": 3}
+
+    resumed = _loader()
+    resumed.load_state_dict(state)
+    rest = [inputs for inputs, _ in resumed]
+    assert len(rest) == 7
+    assert all(torch.equal(a, b) for a, b in zip(rest, expected[3:], strict=True))
+
+
+def test_loader_saved_on_last_batch_continues_with_next_epoch() -> None:
+    # The trap: resuming "epoch 0, all its batches served" must not yield an
+    # empty epoch (silently skipping one) but the whole of epoch 1.
+    loader = _loader()
+    _epoch(loader, 0)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": len(loader)}
+
+    resumed = _loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # what Lightning does next; must not reset anything
+    rest = [inputs for inputs, _ in resumed]
+    expected = _epoch(_loader(), 1)
+    assert len(rest) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(rest, expected, strict=True))
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    path = tmp_path / "rng.pt"
+    torch.save(rng_state(), path)
+    expected = (torch.rand(3), random.random(), np.random.normal(), np.random.rand())
+
+    torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    set_rng_state(torch.load(path, weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (random.random(), np.random.normal(), np.random.rand()) == expected[1:]
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+
+
+# -- end to end ---------------------------------------------------------------
+
+
+def _records(path: Path) -> dict[tuple[str, int], float]:
+    """`LMLAB_RECORD` lines; a step replayed after a kill must repeat its value exactly."""
+    values: dict[tuple[str, int], float] = {}
+    for line in path.read_text().splitlines():
+        kind, step, value = line.split()
+        key = (kind, int(step))
+        assert values.get(key, float(value)) == float(value), f"replayed {key} differs"
+        values[key] = float(value)
+    return values
+
+
+def _load(path: Path) -> dict:
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_interrupted_run_equals_uninterrupted_run(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    datamodule = LMDataModule(
+        str(corpus_dir),
+        {s: f"ptb.{s}.txt" for s in ("train", "valid", "test")},
+        seq_len=16,
+        batch_size=8,
+        cache_dir=str(cache_dir),
+    )
+    datamodule.setup()
+    steps_per_epoch = len(datamodule.train_dataloader())
+    assert steps_per_epoch >= 12 and steps_per_epoch % 2 == 0
+    every = steps_per_epoch // 2  # a periodic save falls on each epoch's last batch
+
+    server = ForkServer("train.py", tmp_path)
+
+    def train(run: Path, record: Path, *extra: str, fault: str | None = None):
+        env = {"LMLAB_RECORD": str(record)}
+        if fault:
+            env["LMLAB_FAULT"] = fault
+        return server.run(*extra, env=env)
+
+    base = [
+        *tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused"),
+        "model.dropout=0.1",  # dropout masks must continue exactly too
+        "logger=csv",
+        "test=false",
+        f"callbacks.periodic_checkpoint.every_n_train_steps={every}",
+    ]
+    base = [o for o in base if not o.startswith("hydra.run.dir=")]
+
+    straight = tmp_path / "straight"
+    done = train(straight, tmp_path / "straight.txt", *base, f"hydra.run.dir={straight}")
+    assert done.returncode == 0, done.stderr
+
+    run, record = tmp_path / "stopped", tmp_path / "stopped.txt"
+    checkpoints = run / "checkpoints"
+    last = checkpoints / "last.ckpt"
+
+    # SIGTERM during step 5: finish it, checkpoint, exit 143
+    result = train(run, record, *base, f"hydra.run.dir={run}", fault="sigterm@5")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert _load(last)["global_step"] == 5
+
+    # SIGKILL mid-epoch, while the step-`every` checkpoint is being written: the
+    # step-5 one survives, and steps 6 to `every` are replayed (identically)
+    result = train(run, record, f"resume={run}", fault=f"kill_in_save@{every}")
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert "resuming" in result.stdout and "(step 5)" in result.stdout
+    assert list(checkpoints.glob(".last.ckpt.*.tmp")), "the unfinished save left no temp file"
+    assert _load(last)["global_step"] == 5
+
+    # SIGKILL right after the checkpoint written on epoch 0's last batch
+    result = train(run, record, f"resume={run}", fault=f"sigkill@{steps_per_epoch}")
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not list(checkpoints.glob(".*.tmp")), "stale temp file not cleaned up"
+    assert _load(last)["global_step"] == steps_per_epoch
+
+    # SIGINT mid-epoch, past a periodic checkpoint: finish the step, checkpoint, exit 130
+    stop = steps_per_epoch + every + 3
+    result = train(run, record, f"resume={run}", fault=f"sigint@{stop}")
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    assert _load(last)["global_step"] == stop
+
+    result = train(run, record, f"resume={run}")
+    assert result.returncode == 0, result.stderr
+    server.close()
+
+    expected, got = _records(tmp_path / "straight.txt"), _records(record)
+    assert got == expected  # every training loss and val/ppl, bit for bit
+    train_steps = [step for kind, step in expected if kind == "train"]
+    assert train_steps == list(range(1, 2 * steps_per_epoch + 1))
+
+    a, b = _load(straight / "checkpoints" / "last.ckpt"), _load(last)
+    assert a["global_step"] == b["global_step"] == 2 * steps_per_epoch
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    best = [line for line in done.stdout.splitlines() if line.startswith("best val/ppl")]
+    assert best and best == [
+        line.replace(str(run), str(straight))
+        for line in result.stdout.splitlines()
+        if line.startswith("best val/ppl")
+    ]
+    assert len(list((run / ".hydra").glob("resume-*"))) == 4
+
+
+def test_resume_argv_rewrites_to_the_stored_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "paths:\n  output_dir: elsewhere\ncallbacks:\n  ckpt:\n"
+        "    _target_: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "    dirpath: ${paths.output_dir}/ckpts\n"
+    )
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    output_dir: {run}\n    choices:\n      model: tiny\n"
+    )
+    (run / "ckpts").mkdir()
+    torch.save({"global_step": 7}, run / "ckpts" / "last.ckpt")
+
+    assert resume_argv(["train.py", "seed=1"]) == ["train.py", "seed=1"]
+    argv = resume_argv(["train.py", f"resume={run}", "trainer.max_epochs=3"])
+    assert argv == [
+        "train.py",
+        "--config-dir",
+        str(run / ".hydra"),
+        "--config-name",
+        "config",
+        "trainer.max_epochs=3",
+        f"hydra.run.dir='{run}'",
+        f"++resume='{run / 'ckpts' / 'last.ckpt'}'",
+    ]
+    assert (run / ".hydra" / "resume-1" / "config.yaml").is_file()
+    # a checkpoint names its run folder too
+    argv = resume_argv(["train.py", f"resume={run / 'ckpts' / 'last.ckpt'}"])
+    assert argv[2] == str(run / ".hydra")
