@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_entry_point, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
@@ -22,6 +21,8 @@ from lmlab.data import file_md5
 from lmlab.errors import UserError
 from lmlab.failsafe import AtomicCheckpointIO, prepare_checkpoint_dirs
 from lmlab.resume import resume_argv
+
+from conftest import ROOT, run_entry_point, tiny_overrides
 
 ROW = re.compile(r"^\| `(?P<input>.+)` \| (?P<exit>\d) \| `(?P<message>.+)` \|$")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 from pathlib import Path
@@ -9,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 from forkserver import ForkServer
 
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
 from lmlab.resume import resume_argv, rng_state, set_rng_state
+
+from conftest import tiny_overrides
 
 
 def _loader(num_blocks: int = 40, batch_size: int = 4) -> BatchLoader:
@@ -186,12 +188,9 @@ def test_interrupted_run_equals_uninterrupted_run(
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    best = [line for line in done.stdout.splitlines() if line.startswith("best val/ppl")]
-    assert best and best == [
-        line.replace(str(run), str(straight))
-        for line in result.stdout.splitlines()
-        if line.startswith("best val/ppl")
-    ]
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (straight, run)]
+    for key in ("best_val_ppl", "best_step", "final_val_ppl"):
+        assert summaries[0][key] == summaries[1][key], key
     assert len(list((run / ".hydra").glob("resume-*"))) == 4
 
 
