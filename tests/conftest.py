@@ -18,7 +18,7 @@ def write_corpus(folder: Path, seed: int = 0, lines: tuple[int, int, int] = (400
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(60)] + ["the", "company", "said", "N", "<unk>"]
     folder.mkdir(parents=True, exist_ok=True)
-    for name, count in zip(("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"), lines, strict=True):
+    for name, count in zip(("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"), lines):
         sentences = []
         for _ in range(count):
             # a little structure (bigram-ish) so a model has something to learn
