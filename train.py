@@ -12,13 +12,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.config import check_train_config, instantiate_each
+from lmlab.distributed import SameConfigOnAllRanks
 from lmlab.errors import report_user_errors
 from lmlab.lit_module import LanguageModel
+from lmlab.loggers import log_config
+from lmlab.sweep import record_result
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @report_user_errors
-def main(cfg: DictConfig) -> float:
+@record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
+def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -36,9 +40,10 @@ def main(cfg: DictConfig) -> float:
     )
     trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_each(cfg.get("callbacks")),
+        callbacks=[*instantiate_each(cfg.get("callbacks")), SameConfigOnAllRanks(cfg)],
         logger=instantiate_each(cfg.get("logger")) or False,
     )
+    log_config(trainer.loggers, cfg)
 
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
@@ -67,7 +72,12 @@ def main(cfg: DictConfig) -> float:
         print(
             f"best val/ppl {best_ppl:.2f} | test/ppl {test_ppl:.2f} | best checkpoint {best_path}"
         )
-    return best_ppl
+    return {
+        "best_val_ppl": best_ppl,
+        "test_ppl": float(test_ppl),
+        "steps": trainer.global_step,
+        "best_checkpoint": best_path,
+    }
 
 
 if __name__ == "__main__":
