@@ -44,6 +44,26 @@ def test_trainer_presets_compose(preset: str) -> None:
         assert cfg.trainer.precision == "bf16-mixed"
 
 
+def test_weight_decay_groups_survive_fsdp_flattening() -> None:
+    import functools
+
+    import torch
+
+    from lmlab.lit_module import LanguageModel
+    from lmlab.model import TransformerConfig
+
+    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    module = LanguageModel(
+        config, [f"w{i}" for i in range(50)], functools.partial(torch.optim.AdamW, lr=1e-3)
+    )
+    matrices = {id(p) for p in module.model.parameters() if p.dim() >= 2}
+    for param in module.model.parameters():
+        param.data = param.data.flatten()  # what FSDP's sharded views look like
+    optimizer = module.configure_optimizers()
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == matrices
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_slurm_launcher_config_renders_an_sbatch_script(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
