@@ -206,7 +206,7 @@ def test_sweep_of_two_process_jobs(
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 1, result.stderr[-3000:]  # a job failed; the sweep finished
-    assert "1 of 2 jobs failed" in result.stdout
+    assert "error: 1 of 2 jobs failed" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no other run or sweep folder
     assert [p.parent for p in tmp_path.rglob("multirun.yaml")] == [sweep]  # no second sweep
     for job in ("0", "1"):

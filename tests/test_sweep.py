@@ -101,6 +101,7 @@ def test_grid_sweep_records_a_failed_job_and_summarises(
         "-m",
         *tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused"),
         "trainer.max_epochs=1",
+        "trainer.limit_train_batches=5",
         # 400-token blocks: the fixture's training split has 8, too few for a batch of 16
         "data.seq_len=16,400",
         "data.batch_size=8,16",
@@ -108,7 +109,7 @@ def test_grid_sweep_records_a_failed_job_and_summarises(
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 1, result.stderr[-3000:]  # after all four jobs ran
-    assert "error: 1 of 4 jobs failed" in result.stdout
+    assert "error: 1 of 4 jobs failed" in result.stderr
 
     table = _rows(sweep / "summary.csv")
     assert [(r["data.seq_len"], r["data.batch_size"]) for r in table] == [

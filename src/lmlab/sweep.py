@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[Di
                 code = distributed.run_in_fresh_processes(output_dir)
                 result.update(read_result(output_dir) or {})
                 ok = result["status"] == COMPLETED and code == 0
-                if not ok and (code != 0 and result["status"] == COMPLETED or not result["error"]):
+                if not ok and not result["error"]:
                     result["error"] = f"train.py exited with code {code}"
             else:
                 result.update(train(cfg))
@@ -171,7 +172,7 @@ class SweepSummary(Callback):
         except Exception:
             # Hydra would only warn; a sweep without its summary should not look fine
             traceback.print_exc()
-            print(f"error: could not write the summary of {sweep_dir}", flush=True)
+            print(f"error: could not write the summary of {sweep_dir}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         print(markdown, flush=True)
         failed = [row for row in rows if row["status"] != COMPLETED]
@@ -179,6 +180,7 @@ class SweepSummary(Callback):
             print(
                 f"error: {len(failed)} of {len(rows)} jobs failed "
                 f"(see {sweep_dir / 'summary.md'}); the other results are in the summary",
+                file=sys.stderr,
                 flush=True,
             )
             raise SystemExit(1)
