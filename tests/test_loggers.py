@@ -92,6 +92,7 @@ def test_wandb_offline_sweep_one_run_per_job_and_no_secret_on_disk(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("W&B: WANDB_MODE=offline; logging offline") == 2  # one per job
+    assert "wandb:" not in result.stdout + result.stderr  # W&B's own lines stay quiet
 
     run_ids = set()
     for job in ("0", "1"):

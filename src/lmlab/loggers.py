@@ -101,6 +101,9 @@ class WandbLogger(_LightningWandbLogger):
         if kwargs.get("name") is None and kwargs["group"] is not None:
             kwargs["name"] = f"job {save_dir.name}"  # the job's folder in the sweep
         super().__init__(**kwargs)
+        init = getattr(self, "_wandb_init", {})
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)  # W&B warns that the setting is deprecated, even for None
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         super().after_save_checkpoint(checkpoint_callback)
