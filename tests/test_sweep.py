@@ -135,6 +135,8 @@ def _completed_trials(db: Path) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not (db.parent / "0" / "result.json").is_file():
+        return 0  # not before the search has created the study (reading would create it too)
     try:
         study = optuna.load_study(study_name="ptb_optuna", storage=f"sqlite:///{db}")
     except Exception:  # not created yet
