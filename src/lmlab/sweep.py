@@ -236,6 +236,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _mean_std(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return ""
+    return _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
 def seed_groups(rows: list[dict[str, Any]], swept: list[str]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation across seeds, per setting of the other swept keys."""
     others = [k for k in swept if k != "seed"]
@@ -332,8 +338,8 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], swept: list[str])
                     g["overrides"],
                     g["seeds"],
                     g["completed"],
-                    f"{_fmt(g['best_val_ppl_mean'])} ± {_fmt(g['best_val_ppl_std'])}",
-                    f"{_fmt(g['test_ppl_mean'])} ± {_fmt(g['test_ppl_std'])}",
+                    _mean_std(g["best_val_ppl_mean"], g["best_val_ppl_std"]),
+                    _mean_std(g["test_ppl_mean"], g["test_ppl_std"]),
                 ]
                 for g in groups
             ],
