@@ -115,6 +115,9 @@ class BlockBatches(Sampler[list[int]]):
     Training: every rank gets the same number of full batches. Evaluation
     (`shuffle=False`): blocks in order, batch `i` goes to rank `i % world_size`,
     nothing is repeated or dropped, so a reduced metric covers the split once.
+    Evaluation batches shrink when needed so that every rank gets at least one:
+    Lightning skips the epoch-end hooks (and so the metric reduction, a
+    collective) on a rank without batches, which would hang the others.
     """
 
     def __init__(
@@ -147,7 +150,11 @@ class BlockBatches(Sampler[list[int]]):
             mine = order[self.rank :: self.world_size][: per_rank * self.batch_size]
             return mine.view(per_rank, self.batch_size).tolist()
         order = torch.arange(self.num_blocks)
-        return [b.tolist() for b in order.split(self.batch_size)][self.rank :: self.world_size]
+        return [b.tolist() for b in order.split(self._eval_size)][self.rank :: self.world_size]
+
+    @property
+    def _eval_size(self) -> int:
+        return max(1, min(self.batch_size, self.num_blocks // self.world_size))
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self.start = self.start, 0
@@ -156,7 +163,7 @@ class BlockBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         if self.shuffle:
             return self.num_blocks // self.world_size // self.batch_size
-        num_batches = -(-self.num_blocks // self.batch_size)
+        num_batches = -(-self.num_blocks // self._eval_size)
         return len(range(self.rank, num_batches, self.world_size))
 
 
@@ -372,6 +379,11 @@ class LMDataModule(L.LightningDataModule):
             raise UserError(
                 f"the {split} split has {len(blocks)} blocks of {self.seq_len} tokens, too few "
                 f"for one batch of {batch_size} per process; lower data.batch_size or data.seq_len"
+            )
+        if len(sampler) == 0:
+            raise UserError(
+                f"the {split} split has {len(blocks)} blocks of {self.seq_len} tokens, fewer than "
+                f"the {world_size} processes; lower data.seq_len or use fewer devices"
             )
         return BatchLoader(
             blocks,

@@ -29,6 +29,10 @@ class LanguageModel(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = TransformerLM(model_config)
+        # Matrices and embeddings decay; biases and LayerNorm gains do not. Decided
+        # here, on whole tensors: under FSDP they are flat 1-D shards by the time
+        # configure_optimizers runs (the Parameter objects stay the same).
+        self._no_decay = {id(p) for p in self.model.parameters() if p.dim() < 2}
         if compile:
             self.model.compile()  # in place, so state_dict keys stay clean
         self.vocab_words = list(vocab_words)
@@ -78,8 +82,7 @@ class LanguageModel(L.LightningModule):
         decay, no_decay = [], []
         for param in self.model.parameters():
             if param.requires_grad:
-                # matrices and embeddings decay; biases and LayerNorm gains do not
-                (decay if param.dim() >= 2 else no_decay).append(param)
+                (no_decay if id(param) in self._no_decay else decay).append(param)
         optimizer = self.optimizer_factory(
             [
                 {"params": decay},  # the optimizer's own weight_decay

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lmlab.config import check_train_config, instantiate_each
+from lmlab.distributed import SameConfigOnAllRanks
 from lmlab.failsafe import (
     AtomicCheckpointIO,
     prepare_checkpoint_dirs,
@@ -22,11 +23,14 @@ from lmlab.failsafe import (
     stop_on_signals,
 )
 from lmlab.lit_module import LanguageModel
+from lmlab.loggers import log_config
 from lmlab.summary import RunSummary
+from lmlab.sweep import record_result
 
 
+@record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
 @stop_on_signals
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -44,10 +48,15 @@ def main(cfg: DictConfig) -> float:
     )
     trainer = instantiate(
         cfg.trainer,
-        callbacks=[*instantiate_each(cfg.get("callbacks")), *run_callbacks()],
+        callbacks=[
+            *instantiate_each(cfg.get("callbacks")),
+            *run_callbacks(),
+            SameConfigOnAllRanks(cfg),
+        ],
         logger=instantiate_each(cfg.get("logger")) or False,
         plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
     )
+    log_config(trainer.loggers, cfg)
     if trainer.is_global_zero:
         prepare_checkpoint_dirs(trainer.checkpoint_callbacks)
 
@@ -78,4 +87,9 @@ def main(cfg: DictConfig) -> float:
         summary = RunSummary.collect(trainer, output_dir, test_ppl=test_ppl)
         summary.write(output_dir / "summary.json")
         summary.print()
-    return best_ppl
+    return {
+        "best_val_ppl": best_ppl,
+        "test_ppl": float(test_ppl),
+        "steps": trainer.global_step,
+        "best_checkpoint": best_path,
+    }

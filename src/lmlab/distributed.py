@@ -1,0 +1,179 @@
+"""Several processes per run under Hydra: one run folder, one config, sweeps that still work.
+
+Single runs: Lightning starts the other processes by re-running the command
+with the run folder appended (`hydra.run.dir=...`, `hydra.output_subdir=null`),
+so every rank writes into the one folder. Sweeps: re-running a `-m` command
+would start a second sweep in every child (Lightning #11300, Hydra #2070), and
+a sweep process that has been rank 0 of one job cannot cleanly be rank 0 of
+the next. So a sweep job that needs several processes started by Lightning
+runs `train.py` afresh, in single-run mode, in its job folder, with exactly the
+job's overrides, and the sweep reads back its `result.json`. Processes started
+by SLURM (hydra/launcher=slurm) or torchrun are used as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd, instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from lmlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SWEEP_DIR_ENV = "LMLAB_SWEEP_DIR"  # tells a job run in fresh processes which sweep it belongs to
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# Hydra settings a job run in fresh processes keeps from the sweep's command line.
+FORWARDED_HYDRA_OVERRIDES = (
+    "hydra.job.chdir",
+    "hydra.job.env_set",
+    "hydra.verbose",
+    "hydra/job_logging",
+    "hydra/hydra_logging",
+    "hydra.job_logging",
+    "hydra.hydra_logging",
+)
+
+
+class SweepSetupError(UserError):
+    """A sweep whose jobs cannot get their processes this way; stops the sweep before training."""
+
+
+def _process_launch(trainer_cfg: DictConfig) -> str:
+    """'single', 'lightning' (Lightning would start the other processes) or 'external'."""
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the probe would repeat "GPU available: ..." lines
+    try:
+        trainer = instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False)
+    except Exception:
+        return "single"  # the job itself reports the problem, in its own folder
+    finally:
+        quiet.setLevel(level)
+    if trainer.world_size == 1:
+        return "single"
+    external = trainer.strategy.cluster_environment.creates_processes_externally
+    return "external" if external else "lightning"
+
+
+def sweep_job_needs_fresh_processes(trainer_cfg: DictConfig) -> bool:
+    """In a sweep job: whether to run it as a fresh `train.py` (see the module docstring).
+
+    Raises SweepSetupError for combinations that cannot work, before any training.
+    """
+    launch = _process_launch(trainer_cfg)
+    basic = HydraConfig.get().launcher.get("_target_") == BASIC_LAUNCHER
+    if launch == "lightning" and not basic:
+        raise SweepSetupError(
+            f"trainer.devices={trainer_cfg.get('devices')} in a sweep needs Hydra's basic launcher "
+            "(Lightning starts the processes), or hydra/launcher=slurm, whose tasks_per_node "
+            "starts one process per device"
+        )
+    if launch == "external" and basic:
+        raise SweepSetupError(
+            "these processes were started by torchrun or srun, so each would run the whole "
+            "sweep: run `python train.py -m ...` (each job starts its own processes) "
+            "or use hydra/launcher=slurm"
+        )
+    return launch == "lightning"
+
+
+def _script_command() -> list[str]:
+    import __main__
+
+    if getattr(__main__, "__spec__", None) is not None and __main__.__spec__ is not None:
+        return [sys.executable, "-m", __main__.__spec__.name]
+    return [sys.executable, to_absolute_path(sys.argv[0])]
+
+
+def _config_flags() -> list[str]:
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    flags = []
+    for flag, value in (
+        ("--config-path", args.config_path),
+        ("--config-name", args.config_name),
+        ("--config-dir", args.config_dir),
+    ):
+        if value is not None:
+            flags += [flag, value]
+    return flags
+
+
+def job_command(output_dir: Path) -> list[str]:
+    """The single-run command line of the current sweep job, writing into `output_dir`."""
+    hydra_cfg = HydraConfig.get()
+    forwarded = [
+        o
+        for o in hydra_cfg.overrides.hydra
+        if o.lstrip("+~").split("=", 1)[0].startswith(FORWARDED_HYDRA_OVERRIDES)
+    ]
+    return [
+        *_script_command(),
+        *_config_flags(),
+        *hydra_cfg.overrides.task,
+        *forwarded,
+        f'hydra.run.dir="{output_dir.resolve()}"',
+        "hydra.output_subdir=null",  # the sweep wrote this job's .hydra already
+        "hydra.mode=RUN",
+    ]
+
+
+def run_in_fresh_processes(output_dir: Path) -> int:
+    """Run the current sweep job as a single `train.py` run; return its exit code."""
+    command = job_command(output_dir)
+    log.info("job needs several processes: running it as a single run in %s", output_dir)
+    env = {**os.environ, SWEEP_DIR_ENV: str(Path(HydraConfig.get().sweep.dir).resolve())}
+    return subprocess.run(command, cwd=get_original_cwd(), env=env).returncode
+
+
+class SameConfigOnAllRanks(L.Callback):
+    """Stops a run whose processes composed different configs (or different run folders).
+
+    Compares a hash of the resolved config across ranks when fitting starts, so
+    a launcher that gave the processes different overrides fails loudly.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1 or stage != "fit":
+            return
+        mine = torch.tensor([int(self.digest[:12], 16)], device=trainer.strategy.root_device)
+        everyone = trainer.strategy.all_gather(mine).flatten()
+        if bool((everyone != mine).any()):
+            raise RuntimeError(
+                f"the {trainer.world_size} processes of this run composed different configs "
+                f"(rank {trainer.global_rank} has sha256 {self.digest[:12]})"
+            )
+        if trainer.is_global_zero:
+            log.info(
+                "config identical on all %d processes (sha256 %s)",
+                trainer.world_size,
+                self.digest[:12],
+            )
+
+
+def fsdp_strategy(activation_checkpointing: bool = False, **kwargs: Any) -> Any:
+    """Lightning's FSDPStrategy sharding each Transformer block (conf/trainer/fsdp.yaml)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lmlab.model import Block
+
+    kwargs.setdefault("auto_wrap_policy", {Block})
+    if activation_checkpointing:
+        kwargs.setdefault("activation_checkpointing_policy", {Block})
+    return FSDPStrategy(**kwargs)

@@ -1,0 +1,220 @@
+"""Several processes per run: trainer presets, real 2-process DDP on CPU, DDP jobs in a sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import lmlab.train
+from lmlab.distributed import SweepSetupError, sweep_job_needs_fresh_processes
+
+from conftest import ROOT, run_entry_point, tiny_overrides
+
+
+def _compose(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def _result(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+@pytest.mark.parametrize("preset", ["ddp", "fsdp", "bf16"])
+def test_trainer_presets_compose(preset: str) -> None:
+    cfg = _compose(f"trainer={preset}")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.use_distributed_sampler is False  # lmlab shards batches itself
+    if preset == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = instantiate(cfg.trainer.strategy)
+        assert isinstance(strategy, FSDPStrategy)
+        assert cfg.trainer.precision == "bf16-mixed"
+    if preset == "bf16":
+        assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_weight_decay_groups_survive_fsdp_flattening() -> None:
+    import functools
+
+    import torch
+
+    from lmlab.lit_module import LanguageModel
+    from lmlab.model import TransformerConfig
+
+    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    module = LanguageModel(
+        config, [f"w{i}" for i in range(50)], functools.partial(torch.optim.AdamW, lr=1e-3)
+    )
+    matrices = {id(p) for p in module.model.parameters() if p.dim() >= 2}
+    for param in module.model.parameters():
+        param.data = param.data.flatten()  # what FSDP's sharded views look like
+    optimizer = module.configure_optimizers()
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == matrices
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_slurm_launcher_config_renders_an_sbatch_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", lambda *_: 1)  # no srun here
+
+    cfg = _compose(
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"
+    )
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_").endswith("SlurmLauncher")
+    # what hydra-submitit-launcher's SlurmLauncher.launch does, short of calling sbatch
+    params.pop("submitit_folder")
+    executor = submitit.AutoExecutor(
+        folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python train.py", "uid")
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --signal=USR1@120",
+    ):
+        assert line in script
+
+
+def test_multi_process_sweep_jobs_need_the_basic_launcher(tmp_path: Path) -> None:
+    def needs_fresh(*overrides: str) -> bool:
+        cfg = _compose(
+            "trainer=cpu", f"trainer.default_root_dir={tmp_path}", "hydra.mode=MULTIRUN", *overrides
+        )
+        HydraConfig.instance().set_config(cfg)
+        return sweep_job_needs_fresh_processes(cfg.trainer)
+
+    try:
+        assert needs_fresh("trainer.devices=2") is True
+        assert needs_fresh("trainer.devices=1") is False
+        with pytest.raises(SweepSetupError, match="basic launcher"):
+            needs_fresh("trainer.devices=2", "hydra/launcher=submitit_local")
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def train_in_process(*overrides: str, output_dir: Path) -> dict:
+    """train.py's steps in this process (no Hydra app, no result.json): the 1-process reference."""
+    steps = lmlab.train.main
+    while hasattr(steps, "__wrapped__"):  # record_result, stop_on_signals
+        steps = steps.__wrapped__
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    return steps(cfg)
+
+
+def _common(corpus_dir: Path, cache_dir: Path, tmp_path: Path) -> list[str]:
+    return [
+        *tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused"),
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """1 process x 16 blocks per step: the same blocks per step as 2 processes x 8."""
+    tmp = tmp_path_factory.mktemp("one")
+    common = [o for o in _common(corpus_dir, cache_dir, tmp) if not o.startswith("hydra.")]
+    return train_in_process(*common, "data.batch_size=16", output_dir=tmp / "run")
+
+
+def assert_same_metrics(result: dict, reference: dict) -> None:
+    assert result["steps"] == reference["steps"]
+    for key in ("best_val_ppl", "test_ppl"):
+        assert math.isclose(result[key], reference[key], rel_tol=1e-4), key
+
+
+@pytest.mark.slow
+def test_ddp_run_writes_one_folder_and_matches_one_process(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path, one_process: dict
+) -> None:
+    run = tmp_path / "ddp"
+    ddp = run_entry_point(
+        "train.py",
+        *_common(corpus_dir, cache_dir, tmp_path),
+        "trainer.devices=2",
+        "data.batch_size=8",
+        f"hydra.run.dir={run}",
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # no second run folder
+    assert sorted(p.relative_to(run) for p in run.rglob("*.ckpt")) == [
+        Path("checkpoints/best.ckpt"),
+        Path("checkpoints/last.ckpt"),
+    ]
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events and all(p.parent == run / "tensorboard" for p in events)
+    assert len({p.name.rsplit(".", 2)[1] for p in events}) == 1  # one writer pid: rank 0
+    assert [p.parent for p in run.rglob(".hydra")] == [run]
+    assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran in this folder
+    assert "config identical on all 2 processes" in (run / "train.log").read_text()
+
+    result = _result(run)
+    assert result["status"] == "completed"
+    assert_same_metrics(result, one_process)
+
+
+def test_bf16_preset_trains_on_cpu(corpus_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    common = [o for o in _common(corpus_dir, cache_dir, tmp_path) if not o.startswith("hydra.")]
+    result = train_in_process(
+        *common,
+        "trainer=bf16",
+        "trainer.accelerator=cpu",
+        "trainer.limit_train_batches=5",
+        "test=false",
+        output_dir=tmp_path / "run",
+    )
+    assert math.isfinite(result["best_val_ppl"])
+
+
+@pytest.mark.slow
+def test_sweep_of_two_process_jobs(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path, one_process: dict
+) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_entry_point(
+        "train.py",
+        "-m",
+        *_common(corpus_dir, cache_dir, tmp_path),
+        "trainer.devices=2",
+        "data.batch_size=8",
+        "optimizer.lr=1e-3,1e30",  # the second job diverges
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]  # a job failed; the sweep finished
+    assert "error: 1 of 2 jobs failed" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no other run or sweep folder
+    assert [p.parent for p in tmp_path.rglob("multirun.yaml")] == [sweep]  # no second sweep
+    for job in ("0", "1"):
+        folder = sweep / job
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+        assert (folder / "train_ddp_process_1.log").is_file()  # both ranks used the job folder
+        assert [p.parent for p in folder.rglob(".hydra")] == [folder]
+    done, diverged = _result(sweep / "0"), _result(sweep / "1")
+    assert done["status"] == "completed"
+    assert_same_metrics(done, one_process)  # 2 processes x 8 blocks = 1 x 16
+    assert "config identical on all 2 processes" in (sweep / "0" / "train.log").read_text()
+    assert diverged["status"] == "failed" and "diverged" in diverged["error"]
+    assert "optimizer.lr=1e+30" in diverged["overrides"]
+    assert len((sweep / "summary.csv").read_text().splitlines()) == 3
