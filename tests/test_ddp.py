@@ -199,22 +199,23 @@ def test_sweep_of_two_process_jobs(
         *_common(corpus_dir, cache_dir, tmp_path),
         "trainer.devices=2",
         "data.batch_size=8",
-        "optimizer.lr=1e-3,1e30",  # the second job diverges
+        "optimizer.lr=1e-2,1e30",  # the second job diverges
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 1, result.stderr[-3000:]  # a job failed; the sweep finished
     assert "error: 1 of 2 jobs failed" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no other run or sweep folder
     assert [p.parent for p in tmp_path.rglob("multirun.yaml")] == [sweep]  # no second sweep
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (sweep / "1" / "checkpoints" / "last.ckpt").exists()  # no NaN weights saved
     for job in ("0", "1"):
         folder = sweep / job
-        assert (folder / "checkpoints" / "last.ckpt").is_file()
         assert (folder / "train_ddp_process_1.log").is_file()  # both ranks used the job folder
         assert [p.parent for p in folder.rglob(".hydra")] == [folder]
     done, diverged = _result(sweep / "0"), _result(sweep / "1")
     assert done["status"] == "completed"
     assert_same_metrics(done, one_process)  # 2 processes x 8 blocks = 1 x 16
     assert "config identical on all 2 processes" in (sweep / "0" / "train.log").read_text()
-    assert diverged["status"] == "failed" and "diverged" in diverged["error"]
+    assert diverged["status"] == "failed" and "training loss is nan" in diverged["error"]
     assert "optimizer.lr=1e+30" in diverged["overrides"]
     assert len((sweep / "summary.csv").read_text().splitlines()) == 3

@@ -155,7 +155,11 @@ def test_optuna_search_resumes_after_an_interruption(
         str(ROOT / "train.py"),
         "-m",
         "hparams_search=ptb_optuna",
-        *tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused"),
+        *(  # the search picks the learning rate
+            o
+            for o in tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused")
+            if not o.startswith("optimizer.lr=")
+        ),
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=5",
         "test=false",
