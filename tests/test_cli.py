@@ -41,6 +41,7 @@ def test_console_script_trains_from_any_folder(console_run):
         "checkpoints",
         "metrics.jsonl",
         "plots",
+        "result.json",
         "samples.md",
         "summary.json",
         "tensorboard",

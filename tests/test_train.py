@@ -68,6 +68,7 @@ def test_artifacts_land_only_in_the_run_folder(tiny_run):
         "checkpoints",
         "metrics.jsonl",
         "plots",
+        "result.json",
         "samples.md",
         "summary.json",
         "tensorboard",
