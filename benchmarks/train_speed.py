@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from lmlab.data import BlockBatches, TokenBlocks, keep_batch
+from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
 from lmlab.model import PRESETS, TransformerConfig, TransformerLM
 
@@ -137,11 +136,7 @@ def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
         compile=variant.compile,
     )
     blocks = TokenBlocks(token_stream((warmup + steps) * BATCH_SIZE * SEQ_LEN + 1), SEQ_LEN, False)
-    loader = DataLoader(
-        blocks,
-        batch_sampler=BlockBatches(len(blocks), BATCH_SIZE, shuffle=True),
-        collate_fn=keep_batch,
-    )
+    loader = BatchLoader(blocks, BlockBatches(len(blocks), BATCH_SIZE, shuffle=True))
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu",
