@@ -70,7 +70,8 @@ def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[Di
                     result["error"] = f"train.py exited with code {code}"
             else:
                 result.update(train(cfg))
-                ok = _finite(result.get("best_val_ppl"))
+                best = result.get("best_val_ppl")
+                ok = best is None or _finite(best)  # None: no validation ran (max_steps)
                 if not ok:
                     result["error"] = (
                         f"best val/ppl is {result.get('best_val_ppl')}: training diverged "
@@ -90,7 +91,7 @@ def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[Di
         _finish(output_dir, result, start, ok=ok)
         if not ok and not sweeping and rank_zero_only.rank == 0:
             raise UserError(result["error"] or "the run failed")
-        return float(result["best_val_ppl"]) if ok else math.nan
+        return float(result["best_val_ppl"]) if ok and _finite(result["best_val_ppl"]) else math.nan
 
     return run
 

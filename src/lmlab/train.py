@@ -78,10 +78,10 @@ def main(cfg: DictConfig) -> dict:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
         test_ppl = results[0]["test/ppl"] if results else math.nan
 
-    best_ppl = (
+    best_ppl = (  # None when no validation ran (e.g. trainer.max_steps before the first one)
         float(checkpoint.best_model_score)
         if checkpoint and checkpoint.best_model_score is not None
-        else math.nan
+        else None
     )
     if trainer.is_global_zero:
         summary = RunSummary.collect(trainer, output_dir, test_ppl=test_ppl)
