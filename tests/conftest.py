@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import random
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +56,20 @@ def trained_run(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+# What one training run leaves in its folder, and nothing else.
+RUN_FOLDER = [
+    ".hydra",
+    "checkpoints",
+    "metrics.jsonl",
+    "plots",
+    "result.json",
+    "samples.md",
+    "summary.json",
+    "tensorboard",
+    "train.log",
+]
 
 
 def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
@@ -139,3 +158,22 @@ def console_run(
     result = run_console_script("lmlab-train", *overrides, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving `root`; yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +13,7 @@ from lmlab.errors import UserError
 from lmlab.model import TransformerConfig, TransformerLM
 from lmlab.vocab import Vocabulary
 
-from conftest import run_entry_point
+from conftest import run_entry_point, serve_folder
 
 VOCAB = ["<eos>", "<unk>", "the", "company", "said", *(f"w{i}" for i in range(11))]
 REFUSED = "holds pickled code or objects"
@@ -62,22 +59,12 @@ def evil_checkpoint(folder: Path, fmt: str) -> tuple[Path, Path]:
     return save(checkpoint, folder / f"evil-{fmt}.ckpt", legacy=fmt == "legacy"), marker
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """(folder, base URL): files in the folder are served over http://127.0.0.1."""
     root = tmp_path_factory.mktemp("served")
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(root) as base:
+        yield root, base
 
 
 def locate(path: Path, where: str, served: tuple[Path, str]) -> str:

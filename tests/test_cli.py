@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, console_scripts, run_console_script, run_entry_point
+from conftest import ROOT, RUN_FOLDER, console_scripts, run_console_script, run_entry_point
 
 
 def test_each_console_script_names_a_function_of_the_package():
@@ -36,17 +36,7 @@ def test_plot_help():
 def test_console_script_trains_from_any_folder(console_run):
     run_dir, result = console_run
     # named after the job as train.py names it, everything inside the run folder
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra",
-        "checkpoints",
-        "metrics.jsonl",
-        "plots",
-        "result.json",
-        "samples.md",
-        "summary.json",
-        "tensorboard",
-        "train.log",
-    ]
+    assert sorted(p.name for p in run_dir.iterdir()) == RUN_FOLDER
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
     assert "Run summary" in result.stdout
 

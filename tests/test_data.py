@@ -1,8 +1,5 @@
-import functools
 import hashlib
-import http.server
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,8 @@ import torch
 from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks, download
 from lmlab.errors import UserError
 from lmlab.vocab import tokenize
+
+from conftest import serve_folder
 
 FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}
 
@@ -135,14 +134,8 @@ def http_server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/served."""
     served = tmp_path / "served"
     served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(served) as base:
+        yield served, base
 
 
 def test_prepare_downloads_missing_files_and_verifies_them(http_server, corpus_dir, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
-from conftest import run_entry_point, tiny_overrides
+from conftest import RUN_FOLDER, run_entry_point, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +63,7 @@ def test_artifacts_land_only_in_the_run_folder(tiny_run):
     root = Path(__file__).resolve().parents[1]
     assert not (root / "lightning_logs").exists()
     run_dir, _ = tiny_run
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        ".hydra",
-        "checkpoints",
-        "metrics.jsonl",
-        "plots",
-        "result.json",
-        "samples.md",
-        "summary.json",
-        "tensorboard",
-        "train.log",
-    ]
+    assert sorted(p.name for p in run_dir.iterdir()) == RUN_FOLDER
 
 
 def test_bad_value_exits_with_one_line_before_training(tmp_path, corpus_dir, cache_dir):

@@ -27,7 +27,7 @@ def report_user_errors(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except Exception as error:
-            user_error = _find_user_error(error)
+            user_error = find_user_error(error)
             if user_error is None:
                 raise
             print(f"error: {user_error}", file=sys.stderr, flush=True)
@@ -36,7 +36,7 @@ def report_user_errors(main: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def _find_user_error(error: BaseException | None) -> UserError | None:
+def find_user_error(error: BaseException | None) -> UserError | None:
     """The UserError behind `error`, also when a library wrapped it (Hydra's instantiate does)."""
     while error is not None:
         if isinstance(error, UserError):

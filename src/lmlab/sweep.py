@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab import distributed, loggers
-from lmlab.errors import UserError
+from lmlab.errors import UserError, find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[Di
             if not sweeping:
                 _finish(output_dir, result, start, ok=False)
                 raise
-            if isinstance(_user_error(error), UserError):
+            if isinstance(find_user_error(error), UserError):
                 log.error("job failed: %s", result["error"])
             else:
                 log.error("job failed:\n%s", traceback.format_exc())
@@ -133,16 +133,8 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _user_error(error: BaseException | None) -> UserError | None:
-    while error is not None:
-        if isinstance(error, UserError):
-            return error
-        error = error.__cause__
-    return None
-
-
 def _describe(error: BaseException) -> str:
-    user_error = _user_error(error)
+    user_error = find_user_error(error)
     text = str(user_error) if user_error is not None else f"{type(error).__name__}: {error}"
     first_line = next((line for line in text.splitlines() if line.strip()), text)
     return first_line.strip()[:500]
