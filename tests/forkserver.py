@@ -21,6 +21,7 @@ from conftest import ROOT
 _SERVER = r"""
 import json, os, runpy, sys, traceback
 import hydra, lightning, torch  # the slow imports, done once
+import lmlab.train, lmlab.generation, lmlab.evaluation, tensorboard, matplotlib.pyplot
 sys.path.insert(0, os.path.dirname(SCRIPT))
 for line in sys.stdin:
     request = json.loads(line)

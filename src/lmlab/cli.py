@@ -47,12 +47,16 @@ def _load(target: str) -> Any:
 
 
 def entry_point(
-    target: str, config_name: str, argv_rewrite: str | None = None
+    target: str,
+    config_name: str,
+    argv_rewrite: str | None = None,
+    argv_rewrite_key: str = "resume",
 ) -> Callable[[], Any]:
     """A console-script function running `target` ("module:function") as a Hydra app.
 
-    `argv_rewrite` ("module:function") may rewrite the command line before
-    Hydra reads it: `resume=RUN_DIR` picks the run folder and stored config.
+    When the command line sets `argv_rewrite_key`, `argv_rewrite`
+    ("module:function") rewrites it before Hydra reads it: `resume=RUN_DIR`
+    picks the run folder and the stored config.
     """
     module_name, _, function_name = target.partition(":")
 
@@ -64,7 +68,10 @@ def entry_point(
     task.__name__ = task.__qualname__ = function_name
 
     def main() -> Any:
-        if argv_rewrite is not None:
+        # Imported only when the command line asks for it: the rewrite module loads Lightning.
+        if argv_rewrite is not None and any(
+            arg.lstrip("+").startswith(f"{argv_rewrite_key}=") for arg in sys.argv[1:]
+        ):
             sys.argv = report_user_errors(_load(argv_rewrite))(sys.argv)
         app = hydra.main(
             version_base="1.3", config_path=str(config_dir()), config_name=config_name

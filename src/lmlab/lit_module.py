@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.text import Perplexity
+from torchmetrics import Metric
 
 from lmlab.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lmlab.data import IGNORE_INDEX
@@ -16,6 +16,37 @@ from lmlab.model import TransformerConfig, TransformerLM
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class Perplexity(Metric):
+    """exp(mean negative log-likelihood) over every target token seen, on every process.
+
+    The sums are reduced across processes, so the result is the perplexity of
+    the whole split. Unlike `torchmetrics.text.Perplexity`, which materialises
+    a softmax of the logits, this costs one fused cross-entropy per batch, and
+    it accumulates in float64.
+    """
+
+    full_state_update = False
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        nll = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+        )
+        self.nll += nll.double()
+        self.count += (targets != self.ignore_index).sum()
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll / self.count).float()
 
 
 class LanguageModel(L.LightningModule):
@@ -58,11 +89,11 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
-        self.val_ppl.update(self.model(inputs).float(), targets)
+        self.val_ppl.update(self.model(inputs), targets)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
-        self.test_ppl.update(self.model(inputs).float(), targets)
+        self.test_ppl.update(self.model(inputs), targets)
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val", self.val_ppl)
