@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.errors import UserError
+from lmlab.progress import status
 from lmlab.vocab import Vocabulary, tokenize
 
 SPLITS = ("train", "valid", "test")
@@ -335,6 +336,10 @@ class LMDataModule(L.LightningDataModule):
         return self._read_lines((split,))[split]
 
     def _encode_splits(self) -> None:
+        with status(f"preparing {self.data_dir}: reading, building the vocabulary, encoding"):
+            self._encode_splits_now()
+
+    def _encode_splits_now(self) -> None:
         lines = self._read_lines(SPLITS)
         vocab = Vocabulary.build(lines["train"])
         assert self.cache_path is not None

@@ -28,6 +28,7 @@ from lmlab.generation import (
     warn,
 )
 from lmlab.model import TransformerLM
+from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
 
 
@@ -114,7 +115,9 @@ def perplexity(
     total_nll, count = 0.0, 0
     model.eval()
     with torch.inference_mode():
-        while batch := list(islice(pairs, batch_size)):
+        num_windows = len(tokens) // stride + 1 if stride else len(blocks)
+        batches = iter(lambda: list(islice(pairs, batch_size)), [])
+        for batch in track(batches, "perplexity", total=-(-num_windows // batch_size)):
             inputs = torch.stack([x for x, _ in batch]).to(device)  # (B, seq_len)
             targets = torch.stack([y for _, y in batch]).to(device)
             logits = model(inputs).float()  # (B, seq_len, vocab)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from lmlab.checkpoint import export, load_model
 from lmlab.decoding import beam_search, check_decoding_args, generate
 from lmlab.errors import UserError
+from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -176,37 +177,40 @@ def continue_prompts(
     for i, (prompt, new) in enumerate(zip(prompts, max_new_tokens, strict=True)):
         groups.setdefault((len(prompt), new), []).append(i)
     results: list[list[list[int]]] = [[[] for _ in range(samples)] for _ in prompts]
-    for (length, new), members in sorted(groups.items()):
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            ids = torch.tensor([list(prompts[i]) for i in chunk], device=device)
-            ids = ids.repeat_interleave(samples, dim=0)  # (len(chunk) * samples, length)
-            if decoding.strategy == "beam":
-                out, _ = beam_search(
-                    model,
-                    ids,
-                    new,
-                    num_beams=decoding.num_beams,
-                    length_penalty=decoding.length_penalty,
-                    eos_id=eos_id,
-                    stop_at_eos=decoding.stop_at_eos,
-                )
-            else:
-                out = generate(
-                    model,
-                    ids,
-                    new,
-                    temperature=0.0 if decoding.strategy == "greedy" else decoding.temperature,
-                    top_k=decoding.top_k,
-                    top_p=decoding.top_p,
-                    eos_id=eos_id,
-                    stop_at_eos=decoding.stop_at_eos,
-                    generator=generator,
-                )
-            for row, tokens in enumerate(out[:, length:].tolist()):
-                if decoding.stop_at_eos:
-                    tokens = until_eos(tokens, eos_id)
-                results[chunk[row // samples]][row % samples] = tokens
+    batches = [
+        (length, new, members[start : start + batch_size])
+        for (length, new), members in sorted(groups.items())
+        for start in range(0, len(members), batch_size)
+    ]
+    for length, new, chunk in track(batches, "decoding"):
+        ids = torch.tensor([list(prompts[i]) for i in chunk], device=device)
+        ids = ids.repeat_interleave(samples, dim=0)  # (len(chunk) * samples, length)
+        if decoding.strategy == "beam":
+            out, _ = beam_search(
+                model,
+                ids,
+                new,
+                num_beams=decoding.num_beams,
+                length_penalty=decoding.length_penalty,
+                eos_id=eos_id,
+                stop_at_eos=decoding.stop_at_eos,
+            )
+        else:
+            out = generate(
+                model,
+                ids,
+                new,
+                temperature=0.0 if decoding.strategy == "greedy" else decoding.temperature,
+                top_k=decoding.top_k,
+                top_p=decoding.top_p,
+                eos_id=eos_id,
+                stop_at_eos=decoding.stop_at_eos,
+                generator=generator,
+            )
+        for row, tokens in enumerate(out[:, length:].tolist()):
+            if decoding.stop_at_eos:
+                tokens = until_eos(tokens, eos_id)
+            results[chunk[row // samples]][row % samples] = tokens
     return results
 
 
