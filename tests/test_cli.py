@@ -12,19 +12,26 @@ from conftest import ROOT, RUN_FOLDER, console_scripts, run_console_script, run_
 
 def test_each_console_script_names_a_function_of_the_package():
     scripts = console_scripts()
-    assert {"lmlab-train", "lmlab-plot"} <= set(scripts)
+    assert {"lmlab-train", "lmlab-generate", "lmlab-eval", "lmlab-plot"} <= set(scripts)
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function))
 
 
-def test_train_help_is_the_same_from_the_console_script_and_train_py():
-    script = run_console_script("lmlab-train", "--help")
-    root = run_entry_point("train.py", "--help")
-    assert script.returncode == root.returncode == 0, script.stderr + root.stderr
-    assert script.stdout == root.stdout
-    assert "model: large, medium, small, tiny" in script.stdout
-    assert "_target_: lmlab.callbacks.SampleText" in script.stdout
+@pytest.mark.parametrize(
+    "script, root, expected",
+    [
+        ("lmlab-train", "train.py", "_target_: lmlab.callbacks.SampleText"),
+        ("lmlab-generate", "generate.py", "strategy: sample"),
+        ("lmlab-eval", "eval.py", "split: test"),
+    ],
+)
+def test_help_is_the_same_from_the_console_script_and_the_root_script(script, root, expected):
+    from_script = run_console_script(script, "--help")
+    from_root = run_entry_point(root, "--help")
+    assert from_script.returncode == from_root.returncode == 0, from_script.stderr + from_root.stderr
+    assert from_script.stdout == from_root.stdout
+    assert expected in from_script.stdout
 
 
 def test_plot_help():
