@@ -9,6 +9,7 @@ never tensor-per-sample.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -409,8 +410,6 @@ class LMDataModule(L.LightningDataModule):
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
