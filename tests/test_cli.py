@@ -29,7 +29,9 @@ def test_each_console_script_names_a_function_of_the_package():
 def test_help_is_the_same_from_the_console_script_and_the_root_script(script, root, expected):
     from_script = run_console_script(script, "--help")
     from_root = run_entry_point(root, "--help")
-    assert from_script.returncode == from_root.returncode == 0, from_script.stderr + from_root.stderr
+    assert from_script.returncode == from_root.returncode == 0, (
+        from_script.stderr + from_root.stderr
+    )
     assert from_script.stdout == from_root.stdout
     assert expected in from_script.stdout
 
