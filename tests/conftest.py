@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,23 @@ RUN_FOLDER = [
     "tensorboard",
     "train.log",
 ]
+
+
+def write_stored_run(run: Path, output_dir: str, checkpoints: str, global_step: int) -> Path:
+    """A minimal run folder as `resume=` reads it: stored config, Hydra record, last.ckpt."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        f"paths:\n  output_dir: {output_dir}\ncallbacks:\n  model_checkpoint:\n"
+        "    _target_: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        f"    dirpath: ${{paths.output_dir}}/{checkpoints}\n"
+    )
+    (run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    output_dir: {run}\n    choices:\n      model: tiny\n"
+    )
+    (run / checkpoints).mkdir()
+    last = run / checkpoints / "last.ckpt"
+    torch.save({"global_step": global_step}, last)
+    return last
 
 
 def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:

@@ -171,3 +171,15 @@ def test_unreachable_server_gives_an_offline_hint(tmp_path):
     with pytest.raises(UserError, match=r"could not download .*offline\? put ptb.train.txt"):
         dm.prepare_data()
     assert not (tmp_path / "ptb" / "ptb.train.txt").exists()
+
+
+def test_a_prepared_module_does_not_hash_the_corpus_again(corpus_dir, cache_dir, monkeypatch):
+    dm = datamodule(corpus_dir, cache_dir)
+    dm.prepare_data()  # train.py's call, for the vocabulary
+
+    def fail(*_):
+        raise AssertionError("hashed the corpus again")
+
+    monkeypatch.setattr("lmlab.data.file_md5", fail)
+    dm.prepare_data()  # Lightning's call inside fit()
+    assert dm.vocab.words[:2] == ["<eos>", "<unk>"]

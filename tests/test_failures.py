@@ -22,7 +22,7 @@ from lmlab.errors import UserError
 from lmlab.failsafe import AtomicCheckpointIO, prepare_checkpoint_dirs
 from lmlab.resume import resume_argv
 
-from conftest import ROOT, run_entry_point, tiny_overrides
+from conftest import ROOT, run_entry_point, tiny_overrides, write_stored_run
 
 ROW = re.compile(r"^\| `(?P<input>.+)` \| (?P<exit>\d) \| `(?P<message>.+)` \|$")
 
@@ -48,17 +48,7 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     plain_file.write_text("not a folder\n")
 
     run = tmp / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        "paths:\n  output_dir: x\ncallbacks:\n  model_checkpoint:\n"
-        "    _target_: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        "    dirpath: ${paths.output_dir}/checkpoints\n"
-    )
-    (run / ".hydra" / "hydra.yaml").write_text(
-        f"hydra:\n  runtime:\n    output_dir: {run}\n    choices:\n      model: tiny\n"
-    )
-    (run / "checkpoints").mkdir()
-    torch.save({"global_step": 3}, run / "checkpoints" / "last.ckpt")
+    write_stored_run(run, "x", "checkpoints", global_step=3)
     (run / "checkpoints" / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short")
     empty_run = tmp / "empty_run"
     shutil.copytree(run / ".hydra", empty_run / ".hydra")

@@ -15,7 +15,7 @@ from forkserver import ForkServer
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
 from lmlab.resume import resume_argv, rng_state, set_rng_state
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_stored_run
 
 
 def _loader(num_blocks: int = 40, batch_size: int = 4) -> BatchLoader:
@@ -196,17 +196,7 @@ def test_interrupted_run_equals_uninterrupted_run(
 
 def test_resume_argv_rewrites_to_the_stored_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        "paths:\n  output_dir: elsewhere\ncallbacks:\n  ckpt:\n"
-        "    _target_: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        "    dirpath: ${paths.output_dir}/ckpts\n"
-    )
-    (run / ".hydra" / "hydra.yaml").write_text(
-        f"hydra:\n  runtime:\n    output_dir: {run}\n    choices:\n      model: tiny\n"
-    )
-    (run / "ckpts").mkdir()
-    torch.save({"global_step": 7}, run / "ckpts" / "last.ckpt")
+    write_stored_run(run, "elsewhere", "ckpts", global_step=7)
 
     assert resume_argv(["train.py", "seed=1"]) == ["train.py", "seed=1"]
     argv = resume_argv(["train.py", f"resume={run}", "trainer.max_epochs=3"])

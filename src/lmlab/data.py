@@ -303,6 +303,10 @@ class LMDataModule(L.LightningDataModule):
         return digests
 
     def prepare_data(self) -> None:
+        if self.cache_path is not None:
+            # train.py prepares before building the model (it needs the vocabulary);
+            # Lightning's own call inside fit() must not hash the corpus again.
+            return
         self._fetch_missing()
         digests = self._verify()
         key = hashlib.sha256(json.dumps([CACHE_FORMAT, digests]).encode()).hexdigest()[:16]
