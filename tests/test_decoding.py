@@ -169,6 +169,23 @@ def test_sample_next_order_is_top_k_then_temperature_then_top_p():
     assert set(tokens.tolist()) == {0, 1}
 
 
+def test_sampling_with_top_k_draws_from_the_renormalised_kept_tokens():
+    # sample_next samples among the k kept tokens: the frequencies must be those of
+    # softmax(top_k_filter(logits)), with the vocabulary shuffled so order cannot help.
+    logits = probs_logits(0.05, 0.4, 0.1, 0.25, 0.2).expand(40_000, 5)
+    tokens = sample_next(logits, top_k=3, generator=seeded(0))
+    frequencies = torch.bincount(tokens, minlength=5) / tokens.numel()
+    expected = F.softmax(top_k_filter(logits[:1], 3), dim=-1)[0]
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
+    assert frequencies[0] == frequencies[2] == 0
+    # With top-p after top-k: 0.4 / 0.85 < 0.6 <= 0.65 / 0.85 keeps tokens 1 and 3 only.
+    tokens = sample_next(logits, top_k=3, top_p=0.6, generator=seeded(1))
+    frequencies = torch.bincount(tokens, minlength=5) / tokens.numel()
+    torch.testing.assert_close(
+        frequencies, torch.tensor([0, 0.4 / 0.65, 0, 0.25 / 0.65, 0]), rtol=0, atol=0.01
+    )
+
+
 def test_same_seed_same_tokens_different_seed_different_tokens():
     logits = torch.zeros(64, 100)  # uniform: 64 draws from 100 tokens
     first = sample_next(logits, generator=seeded(1))
@@ -275,6 +292,18 @@ def test_beam_search_with_one_beam_equals_greedy(tiny_model):
         logprobs = F.log_softmax(tiny_model(greedy[:, :32]), dim=-1)[:, 3:-1]
     total = logprobs.gather(-1, greedy[:, 4:32, None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(scores, total / 28)
+
+
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_beam_search_with_cache_equals_recomputing(tiny_model, stop_at_eos: bool):
+    # Each step the cache copies only the positions after the first one where a beam and the
+    # beam it continues differ; recomputing every prefix is the reference.
+    prompt = torch.randint(0, 50, (2, 5), generator=seeded(11))
+    kwargs = dict(num_beams=4, eos_id=0, stop_at_eos=stop_at_eos)
+    cached, cached_scores = beam_search(tiny_model, prompt, 27, use_cache=True, **kwargs)
+    recomputed, scores = beam_search(tiny_model, prompt, 27, use_cache=False, **kwargs)
+    assert torch.equal(cached, recomputed)
+    torch.testing.assert_close(cached_scores, scores, rtol=0, atol=1e-5)
 
 
 def test_beam_search_with_one_beam_equals_greedy_with_eos():

@@ -115,3 +115,37 @@ def test_kv_cache_reorder_follows_the_chosen_rows():
     torch.testing.assert_close(reordered, expected, rtol=1e-5, atol=1e-5)
     cache.reorder(torch.tensor([1]))  # a different batch size: a new buffer
     assert cache.keys.shape[1] == 1 and cache.length == 7
+
+
+def test_kv_cache_reorder_copies_only_moved_rows_after_keep():
+    config = TransformerConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=4)
+    cache = KVCache(config, batch_size=3)
+    cache.length = 5
+    for row in range(3):
+        cache.keys[:, row] = row
+        cache.values[:, row] = 10 + row
+    cache.reorder(torch.tensor([1, 0, 2]), keep=3)  # rows 0 and 1 swap from position 3 on
+    assert cache.keys[0, :, 0, :, 0].tolist() == [
+        [0, 0, 0, 1, 1, 0, 0, 0],  # positions past `length` are never touched
+        [1, 1, 1, 0, 0, 1, 1, 1],
+        [2, 2, 2, 2, 2, 2, 2, 2],
+    ]
+    assert cache.values[0, :, 0, 3:5, 0].tolist() == [[11, 11], [10, 10], [12, 12]]
+
+
+def test_one_position_decode_path_equals_the_module_path():
+    # In eval mode a one-token step with a cache runs functional ops directly; with dropout 0
+    # train mode takes the module path, so the two must agree bit for bit.
+    model = tiny_model()
+    idx = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(5))
+    steps = {}
+    with torch.no_grad():
+        for training in (True, False):
+            model.train(training)
+            cache = KVCache(model.config, batch_size=3, max_len=9)
+            model(idx[:, :4], cache)
+            steps[training] = torch.cat([model(idx[:, i : i + 1], cache) for i in range(4, 9)], 1)
+            assert cache.length == 9
+            with pytest.raises(ValueError, match="KV cache overflow: 10 positions > 9"):
+                model(idx[:, :1], cache)
+    assert torch.equal(steps[True], steps[False])

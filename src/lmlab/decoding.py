@@ -191,16 +191,23 @@ def sample_next(
     Temperature 0 is greedy: the argmax, and `generator` is not used. The
     generator must live on the logits' device.
     """
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
     _check_temperature(temperature)
-    if temperature == 0:
+    if temperature == 0:  # top-k keeps the largest logit, so it cannot change the argmax
+        _check_top_k(top_k)
         return logits.argmax(dim=-1)
+    candidates = None
+    if top_k is not None:
+        _check_top_k(top_k)
+        if top_k < logits.size(-1):
+            # Sampling among the k kept tokens is sampling from top_k_filter's logits (the rest
+            # has probability 0), and top-p then sorts k values instead of the vocabulary.
+            logits, candidates = logits.topk(top_k, dim=-1)
     logits = apply_temperature(logits, temperature)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
     probs = F.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    drawn = torch.multinomial(probs, num_samples=1, generator=generator)
+    return (drawn if candidates is None else candidates.gather(-1, drawn)).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -257,8 +264,7 @@ class _Context:
         if use_cache:
             param = next((p for p in model.parameters() if p.is_floating_point()), None)
             dtype = torch.float32 if param is None else param.dtype
-            # No larger than the sequence will get: less memory, and KVCache.reorder copies
-            # every allocated position at each beam step.
+            # No larger than the sequence will get: a long block_size costs no memory here.
             max_len = min(self.block_size, total_len)
             self.cache = KVCache(model.config, batch_size, max_len, device=device, dtype=dtype)
 
@@ -279,10 +285,22 @@ class _Context:
         self.seen = n
         return self.model(fresh, self.cache)[:, -1]
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index`, in that order (beams that survived a step)."""
-        if self.cache is not None:
-            self.cache.reorder(index)
+    def reorder(self, index: Tensor, tokens: Tensor) -> None:
+        """Keep batch rows `index`, in that order (beams that survived a step).
+
+        `tokens` (B, n) is the sequence so far, before the reorder. Two rows whose cached
+        tokens agree up to some position hold the same keys and values up to there (up to
+        float rounding between batch rows), so the cache copies only what follows the
+        first position where a row and its source differ.
+        """
+        if self.cache is None:
+            return
+        keep = 0
+        if index.numel() == tokens.size(0):
+            window = tokens[:, self.seen - self.cache.length : self.seen]
+            differs = (window != window[index]).any(dim=0)  # (cached positions,)
+            keep = int(differs.int().argmax()) if bool(differs.any()) else self.cache.length
+        self.cache.reorder(index, keep)
 
 
 def generate(
@@ -396,7 +414,7 @@ def beam_search(
         logits = context.logits(prompt_ids)  # (B, vocab)
         # All beams start as the prompt; prefill once, then copy rows.
         rows = torch.arange(batch_size, device=device).repeat_interleave(beams)
-        context.reorder(rows)
+        context.reorder(rows, prompt_ids)
         logits = logits[rows]  # (B * beams, vocab)
         tokens = prompt_ids.new_empty(batch_size * beams, prompt_len + max_new_tokens)
         tokens[:, :prompt_len] = prompt_ids[rows]
@@ -437,9 +455,9 @@ def beam_search(
 
             beam_scores = cand_scores
             rows = (batch_offset + cand_beam).view(-1)
+            context.reorder(rows, tokens[:, :length])
             tokens = tokens[rows]
             tokens[:, length] = cand_token.view(-1)
-            context.reorder(rows)
         else:  # ran out of steps: the surviving beams are hypotheses too
             for b in range(batch_size):
                 if done[b]:
