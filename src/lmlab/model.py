@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmlab.loss import linear_cross_entropy
+
 
 @dataclass
 class TransformerConfig:
@@ -201,11 +203,16 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, T, vocab) for token ids `idx` (B, T).
+    def forward(
+        self, idx: Tensor, cache: KVCache | None = None, targets: Tensor | None = None
+    ) -> Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the loss instead.
 
         With a `cache`, `idx` continues the sequence the cache holds: its
-        positions start at `cache.length`, and the cache advances by T.
+        positions start at `cache.length`, and the cache advances by T. With
+        `targets` (B, T), it returns their mean cross-entropy (positions whose
+        target is -100 do not count), fused with the output layer so that the
+        logits are never materialised (see lmlab/loss.py).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -221,7 +228,10 @@ class TransformerLM(nn.Module):
             x = block(x, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.ln_final(x))  # (B, T, vocab)
+        x = self.ln_final(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(x)  # (B, T, vocab)
 
     def _decode_one(self, idx: Tensor, cache: KVCache) -> Tensor:
         """`forward` for one new position per row in eval mode, same math, same result.

@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.loss import linear_cross_entropy
+from lmlab.model import TransformerConfig, TransformerLM
+
+
+def problem(n: int, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, 16, generator=generator, dtype=dtype, requires_grad=True)
+    weight = torch.randn(37, 16, generator=generator, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 37, (n,), generator=generator)
+    targets[::5] = -100  # padding positions do not count
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_loss_and_gradients_equal_cross_entropy_of_the_logits(chunk_rows: int):
+    hidden, weight, targets = problem(53, torch.float64)  # 53 rows: the last chunk is short
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    fused_grads = torch.autograd.grad(3.0 * fused, (hidden, weight))
+    plain = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    plain_grads = torch.autograd.grad(3.0 * plain, (hidden, weight))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=0)
+    for got, expected in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert fused_grads[0][::5].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_float32_matches_within_rounding_and_only_requested_gradients_are_made():
+    hidden, weight, targets = problem(200, torch.float32)
+    fused = linear_cross_entropy(hidden, weight.detach(), targets)
+    plain = F.cross_entropy(hidden @ weight.detach().T, targets)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(fused, hidden)
+    (expected,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), plain.detach())
+
+
+def test_every_target_ignored_gives_nan_as_cross_entropy_does():
+    hidden, weight, targets = problem(4, torch.float32)
+    targets[:] = -100
+    assert torch.isnan(linear_cross_entropy(hidden, weight, targets))
+    assert torch.isnan(F.cross_entropy(hidden @ weight.T, targets))
+
+
+def test_under_autocast_it_is_the_plain_mixed_precision_loss():
+    hidden, weight, targets = problem(40, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(hidden, weight, targets)
+        plain = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain)
+
+
+def test_shapes_are_checked():
+    hidden, weight, targets = problem(6, torch.float32)
+    with pytest.raises(ValueError, match=r"hidden \(N, C\) and targets \(N,\), got \(6, 16\)"):
+        linear_cross_entropy(hidden, weight, targets[:5])
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits_with_the_tied_weight():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    model = TransformerLM(config).double().eval()
+    idx = torch.randint(0, 50, (3, 8))
+    targets = torch.randint(0, 50, (3, 8))
+    targets[2, 5:] = -100
+    fused = model(idx, targets=targets)
+    fused_grads = torch.autograd.grad(fused, list(model.parameters()))
+    plain = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=0)
+    # The embedding table is also the output layer: both of its gradients must arrive.
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
