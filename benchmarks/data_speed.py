@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from lmlab.data import LMDataModule
@@ -78,7 +77,7 @@ def main() -> None:
             if i == 12:
                 break
             start = time.perf_counter()
-            loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            loss = model(inputs, targets=targets)  # the fused loss lmlab trains with
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
