@@ -56,6 +56,16 @@ def test_under_autocast_it_is_the_plain_mixed_precision_loss():
     torch.testing.assert_close(fused, plain)
 
 
+def test_16_bit_weights_get_float32_logits():
+    hidden, weight, targets = problem(40, torch.float32)
+    hidden, weight = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    fused = linear_cross_entropy(hidden, weight, targets)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(
+        fused, F.cross_entropy(F.linear(hidden, weight).float(), targets), rtol=0, atol=0
+    )
+
+
 def test_shapes_are_checked():
     hidden, weight, targets = problem(6, torch.float32)
     with pytest.raises(ValueError, match=r"hidden \(N, C\) and targets \(N,\), got \(6, 16\)"):

@@ -1,5 +1,6 @@
 """train.py end to end through its Hydra entry point, on the fixture corpus."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,16 +12,16 @@ from conftest import RUN_FOLDER, run_entry_point, tiny_overrides
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, corpus_dir, cache_dir) -> tuple[Path, str]:
+def tiny_run(tmp_path_factory, corpus_dir, cache_dir) -> tuple[Path, str, str]:
     run_dir = tmp_path_factory.mktemp("run")
     result = run_entry_point("train.py", *tiny_overrides(corpus_dir, cache_dir, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result.stdout
+    return run_dir, result.stdout, result.stderr
 
 
 @pytest.mark.slow
 def test_run_writes_safe_self_describing_checkpoints(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir, _, stderr = tiny_run
     for name in ("best.ckpt", "last.ckpt"):
         path = run_dir / "checkpoints" / name
         assert get_unsafe_globals_in_checkpoint(str(path)) == []
@@ -31,13 +32,19 @@ def test_run_writes_safe_self_describing_checkpoints(tiny_run):
         assert meta["model_config"]["vocab_size"] == len(meta["vocab"])
         assert any(k.startswith("model.token_embedding") for k in checkpoint["state_dict"])
     assert (run_dir / "checkpoints" / "vocab.json").is_file()
-    assert (run_dir / "checkpoints" / "model_config.json").is_file()
+    assert (
+        json.loads((run_dir / "checkpoints" / "model_config.json").read_text())
+        == (meta["model_config"])
+    )
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    # The readable copies are written after Lightning looks at the folder: a fresh run is not
+    # told that its checkpoint folder "exists and is not empty".
+    assert "is not empty" not in stderr
 
 
 @pytest.mark.slow
 def test_run_logs_tensorboard_scalars_and_learns(tiny_run):
-    run_dir, stdout = tiny_run
+    run_dir, stdout, _ = tiny_run
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event files in the run folder"
     tags = set()
@@ -62,7 +69,7 @@ def test_run_logs_tensorboard_scalars_and_learns(tiny_run):
 def test_artifacts_land_only_in_the_run_folder(tiny_run):
     root = Path(__file__).resolve().parents[1]
     assert not (root / "lightning_logs").exists()
-    run_dir, _ = tiny_run
+    run_dir, _, _ = tiny_run
     assert sorted(p.name for p in run_dir.iterdir()) == RUN_FOLDER
 
 

@@ -9,6 +9,8 @@
   MLP, norms) at the start of fitting.
 - `SampleText` decodes a few fixed prompts at each validation and logs them
   to TensorBoard / W&B and `samples.md`.
+- `ModelFiles` writes `vocab.json` and `model_config.json` beside the
+  checkpoints: readable copies of what every checkpoint carries.
 
 Everything that writes files or prints runs on global rank 0 only.
 """
@@ -341,6 +343,25 @@ def parameter_summary(enabled: bool = True) -> ParameterSummary | None:
 
 # ---------------------------------------------------------------------------
 # Sample text during training.
+
+
+class ModelFiles(Callback):
+    """`vocab.json` and `model_config.json` in `dirpath`, for people and tools without torch.
+
+    Written when fitting starts, after `ModelCheckpoint` has looked at its folder: written
+    earlier, they made Lightning warn that a fresh run's checkpoint folder is not empty.
+    """
+
+    def __init__(self, dirpath: str | Path, vocab: Vocabulary, model_config: dict) -> None:
+        self.dirpath = Path(dirpath)
+        self.vocab = vocab
+        self.model_config = model_config
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self.vocab.save(self.dirpath / "vocab.json")
+            (self.dirpath / "model_config.json").write_text(json.dumps(self.model_config, indent=2))
 
 
 def _markdown_line(text: str) -> str:

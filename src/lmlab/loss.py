@@ -85,16 +85,19 @@ def linear_cross_entropy(
 ) -> Tensor:
     """Mean of `F.cross_entropy(hidden @ weight.T, targets, ignore_index=...)`, without the logits.
 
-    `hidden` (N, C), `weight` (vocab, C), `targets` (N,). Under autocast this
-    falls back to the plain computation (logits in float32), which mixed
-    precision already makes cheaper.
+    `hidden` (N, C), `weight` (vocab, C), `targets` (N,). Under autocast, or
+    with 16-bit weights (`trainer.precision=bf16-true`), this falls back to the
+    plain computation with float32 logits: a softmax summed in 16 bits would
+    lose the loss's precision, and mixed precision already makes the logits
+    cheaper.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy needs hidden (N, C) and targets (N,), "
             f"got {tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
-    if torch.is_autocast_enabled(hidden.device.type):
+    half = hidden.dtype not in (torch.float32, torch.float64)
+    if half or torch.is_autocast_enabled(hidden.device.type):
         logits = F.linear(hidden, weight).float()
         return F.cross_entropy(logits, targets, ignore_index=ignore_index)
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)

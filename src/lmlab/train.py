@@ -6,7 +6,6 @@ Hydra app (see `lmlab.cli`). See README.md.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lmlab.callbacks import ModelFiles
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.distributed import SameConfigOnAllRanks
 from lmlab.failsafe import (
@@ -46,12 +46,14 @@ def main(cfg: DictConfig) -> dict:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         compile=cfg.compile,
     )
+    output_dir = Path(cfg.paths.output_dir)
     trainer = instantiate(
         cfg.trainer,
         callbacks=[
             *instantiate_each(cfg.get("callbacks")),
             *run_callbacks(),
             SameConfigOnAllRanks(cfg),
+            ModelFiles(output_dir / "checkpoints", vocab, model_config.to_dict()),
         ],
         logger=instantiate_each(cfg.get("logger")) or False,
         plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
@@ -59,15 +61,6 @@ def main(cfg: DictConfig) -> dict:
     log_config(trainer.loggers, cfg)
     if trainer.is_global_zero:
         prepare_checkpoint_dirs(trainer.checkpoint_callbacks)
-
-    output_dir = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:
-        # Readable copies beside the checkpoints, which carry the same values.
-        (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        vocab.save(output_dir / "checkpoints" / "vocab.json")
-        (output_dir / "checkpoints" / "model_config.json").write_text(
-            json.dumps(model_config.to_dict(), indent=2)
-        )
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
 
