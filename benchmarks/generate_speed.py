@@ -14,7 +14,6 @@ randomly initialised: speed does not depend on the weights, and no eos stops eit
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -146,11 +145,11 @@ def main() -> None:
             / median_seconds(lmlab_run(model, case, prompt, use_cache), new_tokens, repeats)
             for use_cache in ((True,) if args.cache_only else (True, False))
         }
-        uncached = speeds.get(False, math.nan)
-        line = (
-            f"{case.method:<8}{case.batch_size:>6}{speeds[True]:>10.0f}{uncached:>10.0f}"
-            f"{speeds[True] / uncached:>9.1f}"
-        )
+        if False in speeds:
+            uncached = f"{speeds[False]:>10.0f}{speeds[True] / speeds[False]:>9.1f}"
+        else:  # --cache-only
+            uncached = f"{'-':>10}{'-':>9}"
+        line = f"{case.method:<8}{case.batch_size:>6}{speeds[True]:>10.0f}{uncached}"
         if reference is not None:
             hf_speed = produced / median_seconds(
                 hf_run(reference, case, prompt), new_tokens, repeats
