@@ -149,3 +149,10 @@ def test_one_position_decode_path_equals_the_module_path():
             with pytest.raises(ValueError, match="KV cache overflow: 10 positions > 9"):
                 model(idx[:, :1], cache)
     assert torch.equal(steps[True], steps[False])
+    # Asked for the loss, a cached one-token step still returns the loss, not logits.
+    with torch.no_grad():
+        cache = KVCache(model.config, batch_size=3, max_len=9)
+        model(idx[:, :8], cache)
+        loss = model(idx[:, 8:], cache, targets=torch.tensor([[1], [2], [3]]))
+    expected = F.cross_entropy(steps[False][:, -1], torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(loss, expected)

@@ -220,7 +220,7 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
-        if cache is not None and T == 1 and not self.training:
+        if cache is not None and T == 1 and not self.training and targets is None:
             return self._decode_one(idx, cache)
         positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
