@@ -268,6 +268,25 @@ class RunRecorder(Callback):
             f.writelines(lines)
 
 
+class ModelFiles(Callback):
+    """`vocab.json` and `model_config.json` in `dirpath`, for people and tools without torch.
+
+    Written when fitting starts, after `ModelCheckpoint` has looked at its folder: written
+    earlier, they made Lightning warn that a fresh run's checkpoint folder is not empty.
+    """
+
+    def __init__(self, dirpath: str | Path, vocab: Vocabulary, model_config: dict) -> None:
+        self.dirpath = Path(dirpath)
+        self.vocab = vocab
+        self.model_config = model_config
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self.vocab.save(self.dirpath / "vocab.json")
+            (self.dirpath / "model_config.json").write_text(json.dumps(self.model_config, indent=2))
+
+
 # ---------------------------------------------------------------------------
 # Progress and parameters.
 
@@ -343,25 +362,6 @@ def parameter_summary(enabled: bool = True) -> ParameterSummary | None:
 
 # ---------------------------------------------------------------------------
 # Sample text during training.
-
-
-class ModelFiles(Callback):
-    """`vocab.json` and `model_config.json` in `dirpath`, for people and tools without torch.
-
-    Written when fitting starts, after `ModelCheckpoint` has looked at its folder: written
-    earlier, they made Lightning warn that a fresh run's checkpoint folder is not empty.
-    """
-
-    def __init__(self, dirpath: str | Path, vocab: Vocabulary, model_config: dict) -> None:
-        self.dirpath = Path(dirpath)
-        self.vocab = vocab
-        self.model_config = model_config
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            self.vocab.save(self.dirpath / "vocab.json")
-            (self.dirpath / "model_config.json").write_text(json.dumps(self.model_config, indent=2))
 
 
 def _markdown_line(text: str) -> str:

@@ -192,16 +192,14 @@ def sample_next(
     generator must live on the logits' device.
     """
     _check_temperature(temperature)
+    _check_top_k(top_k)
     if temperature == 0:  # top-k keeps the largest logit, so it cannot change the argmax
-        _check_top_k(top_k)
         return logits.argmax(dim=-1)
     candidates = None
-    if top_k is not None:
-        _check_top_k(top_k)
-        if top_k < logits.size(-1):
-            # Sampling among the k kept tokens is sampling from top_k_filter's logits (the rest
-            # has probability 0), and top-p then sorts k values instead of the vocabulary.
-            logits, candidates = logits.topk(top_k, dim=-1)
+    if top_k is not None and top_k < logits.size(-1):
+        # Sampling among the k kept tokens is sampling from top_k_filter's logits (the rest
+        # has probability 0), and top-p then sorts k values instead of the vocabulary.
+        logits, candidates = logits.topk(top_k, dim=-1)
     logits = apply_temperature(logits, temperature)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
