@@ -87,3 +87,11 @@ def test_model_loss_equals_cross_entropy_of_its_logits_with_the_tied_weight():
     # The embedding table is also the output layer: both of its gradients must arrive.
     for got, expected in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    hidden, weight, targets = problem(20, torch.float32)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot backpropagate twice through one forward"):
+        loss.backward()
