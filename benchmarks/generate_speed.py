@@ -68,6 +68,7 @@ def hf_model() -> torch.nn.Module | None:
         n_head=small["n_head"],
         vocab_size=VOCAB_SIZE,
         n_positions=BLOCK_SIZE,
+        activation_function="gelu",  # exact GELU, as lmlab's MLP
         # GPT-2's default ids (50256) lie outside this vocabulary; without an eos nothing
         # stops early, as in the lmlab runs.
         bos_token_id=None,

@@ -66,6 +66,7 @@ def test_logger_none_gives_no_logger(tmp_path):
         ("optimizer.lr=abc", "optimizer.lr must be a number, got 'abc'"),
         ("optimizer.lr=-1", "optimizer.lr must be > 0"),
         ("model.dropout=1.5", r"model.dropout must be in \[0, 1\), got 1.5"),
+        ("model.attn_dropout=-0.1", r"model.attn_dropout must be in \[0, 1\) or null, got -0.1"),
         ("model.n_head=3", "must be divisible by model.n_head"),
         ("data.seq_len=0", "data.seq_len must be a positive integer, got 0"),
         ("data.batch_size=abc", "data.batch_size must be a positive integer, got 'abc'"),

@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.model import PRESETS, KVCache, TransformerConfig, TransformerLM
+from lmlab.model import (
+    PRESETS,
+    CausalSelfAttention,
+    Dropout,
+    KVCache,
+    TransformerConfig,
+    TransformerLM,
+)
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.0) -> TransformerLM:
@@ -85,6 +92,7 @@ def test_sequence_longer_than_block_size_is_refused():
     [
         (dict(n_embd=30, n_head=4), "divisible"),
         (dict(dropout=1.5), r"model.dropout must be in \[0, 1\)"),
+        (dict(attn_dropout=1.0), r"model.attn_dropout must be in \[0, 1\), got 1.0"),
         (dict(n_layer=0), "model.n_layer must be a positive integer"),
         (dict(vocab_size=-3), "model.vocab_size must be a positive integer"),
     ],
@@ -156,3 +164,69 @@ def test_one_position_decode_path_equals_the_module_path():
         loss = model(idx[:, 8:], cache, targets=torch.tensor([[1], [2], [3]]))
     expected = F.cross_entropy(steps[False][:, -1], torch.tensor([1, 2, 3]))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_dropout_keeps_one_minus_p_of_the_values_scaled_to_keep_the_mean(p: float):
+    dropout = Dropout(p).train()
+    x = torch.ones(1_000_003, requires_grad=True)  # an odd size: not a multiple of 4 draws
+    y = dropout(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.002)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+    assert torch.unique(y[kept]).tolist() == pytest.approx([65536 / (65536 - round(p * 65536))])
+    (grad,) = torch.autograd.grad(y, x, torch.full_like(x, 3.0))
+    torch.testing.assert_close(grad, 3.0 * y.detach(), rtol=0, atol=0)  # the same mask
+
+
+def test_dropout_masks_are_independent_and_follow_the_torch_seed():
+    dropout = Dropout(0.5).train()
+    torch.manual_seed(3)
+    first = dropout(torch.ones(4, 100_000)) != 0
+    torch.manual_seed(3)
+    again = dropout(torch.ones(4, 100_000)) != 0
+    assert torch.equal(first, again)
+    # Neighbours share one 64-bit draw; their masks must still be independent.
+    pairs = first.view(-1, 4).float()
+    both = (pairs[:, :, None] * pairs[:, None, :]).mean(0)
+    expected = torch.full((4, 4), 0.25) + torch.eye(4) * 0.25
+    torch.testing.assert_close(both, expected, rtol=0, atol=0.01)
+    assert not torch.equal(first, dropout(torch.ones(4, 100_000)) != 0)
+
+
+def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
+    assert TransformerConfig(dropout=0.2).attention_dropout == 0.2  # nanoGPT's one knob
+    config = TransformerConfig(dropout=0.2, attn_dropout=0.0)
+    assert config.attention_dropout == 0.0
+    model = TransformerLM(config)
+    assert model.blocks[0].attn.attn_dropout.p == 0.0
+    assert model.blocks[0].attn.resid_dropout.p == 0.2
+
+
+def test_dropout_is_identity_in_eval_mode_and_at_p_zero():
+    x = torch.randn(3, 5)
+    assert Dropout(0.3).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+
+
+def test_attention_with_dropout_path_is_causal_attention():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    attention = CausalSelfAttention(config, layer=0)
+    q, k, v = torch.randn(3, 2, 3, 16, 16).unbind(0)
+    attention.attn_dropout.eval()  # the path's math, without the random mask
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention._attention_with_dropout(q, k, v), expected)
+
+
+def test_training_with_dropout_stays_causal():
+    model = tiny_model(dropout=0.3).train()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 50
+    torch.manual_seed(5)
+    before = model(idx)
+    torch.manual_seed(5)  # the same dropout masks
+    after = model(changed)
+    torch.testing.assert_close(before[:, :9], after[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 9:], after[:, 9:])

@@ -100,6 +100,8 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("model.mlp_ratio", POSITIVE, _int(1)),
     ("model.dropout", NUMBER, _is_number),
     ("model.dropout", "in [0, 1)", _in(0, 1, high_open=True)),
+    ("model.attn_dropout", f"{NUMBER} or null", _or_null(_is_number)),
+    ("model.attn_dropout", "in [0, 1) or null", _or_null(_in(0, 1, high_open=True))),
     ("model.bias", "true or false", _is_bool),
     ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
     ("scheduler.min_lr_ratio", NUMBER, _is_number),
