@@ -174,17 +174,17 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
-        self.dropout = config.attention_dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = Dropout(config.attention_dropout)  # CPU training only, see forward
+        # Applied by this module on CPU and by SDPA elsewhere (see forward).
+        self.attn_dropout = Dropout(config.attention_dropout)
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, nh, T, hd)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.attn_dropout.p if self.training else 0.0
         if cache is None and dropout_p > 0 and x.device.type == "cpu":
             y = self._attention_with_dropout(q, k, v)
         elif cache is None:
