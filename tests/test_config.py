@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.errors import UserError
 from lmlab.lit_module import LanguageModel
+from lmlab.model import PRESETS, TransformerConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -80,3 +81,10 @@ def test_out_of_range_values_are_refused_with_one_line(override, message, tmp_pa
     with pytest.raises(UserError, match=message) as error:
         check_train_config(cfg)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_config_files_equal_the_presets_the_benchmarks_use(name, tmp_path):
+    cfg = compose_train([f"model={name}"], tmp_path)
+    from_file = instantiate(cfg.model, vocab_size=100, block_size=64)
+    assert from_file == TransformerConfig(vocab_size=100, block_size=64, **PRESETS[name])

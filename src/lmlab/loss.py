@@ -85,7 +85,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             )
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
-        if grad_loss.item() != 1.0:  # a scaled loss; 1.0 (the usual case) skips two passes
+        # An unscaled loss (1.0, the usual case) skips two passes over the gradients.
+        # Reading the value is free on CPU; elsewhere it would be a host sync, and the
+        # passes are cheap there.
+        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
             for grad in (grad_hidden, grad_weight):
                 if grad is not None:
                     grad.mul_(grad_loss)
