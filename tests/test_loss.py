@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.loss import linear_cross_entropy
+import lmlab.loss
+from lmlab.loss import exp_logits_and_nll, linear_cross_entropy
 from lmlab.model import TransformerConfig, TransformerLM
 
 
@@ -95,3 +96,48 @@ def test_a_second_backward_through_one_forward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot backpropagate twice through one forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("unshifted", [True, False])
+def test_exps_and_nll_give_the_softmax_and_cross_entropy(unshifted: bool):
+    hidden, weight, targets = problem(30, torch.float32)
+    logits = hidden.detach() @ weight.detach().T
+    targets = targets.clamp(min=0)[:, None]
+    exps, sums, nll = exp_logits_and_nll(logits.clone(), targets, unshifted=unshifted)
+    torch.testing.assert_close(exps / sums, logits.softmax(dim=-1))
+    torch.testing.assert_close(
+        nll, F.cross_entropy(logits, targets[:, 0], reduction="none")[:, None]
+    )
+
+
+def test_logits_too_large_for_an_unshifted_exp_give_cross_entropy():
+    # Logits in the hundreds: exp would overflow, and most targets' probabilities
+    # underflow float32, so the loss takes the max-shifted path for these rows.
+    hidden, weight, targets = problem(40, torch.float32)
+    hidden = (25.0 * hidden).detach().requires_grad_()
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    plain = F.cross_entropy(hidden @ weight.T, targets)
+    assert torch.isfinite(fused) and fused > 50
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(fused, hidden)[0], torch.autograd.grad(plain, hidden)[0]
+    )
+
+
+def test_only_chunks_whose_logits_could_overflow_exp_are_shifted(monkeypatch):
+    paths = []
+
+    def recording(logits, target, unshifted):
+        paths.append(unshifted)
+        return exp_logits_and_nll(logits, target, unshifted)
+
+    monkeypatch.setattr(lmlab.loss, "exp_logits_and_nll", recording)
+    hidden, weight, targets = problem(32, torch.float32)
+    hidden = torch.cat([hidden[:16], 25.0 * hidden[16:]]).detach().requires_grad_()
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    assert paths == [True, False]
+    plain = F.cross_entropy(hidden @ weight.T, targets)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(fused, hidden)[0], torch.autograd.grad(plain, hidden)[0]
+    )
