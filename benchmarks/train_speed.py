@@ -6,8 +6,10 @@ side by side with a plain PyTorch loop of the same model, in the same run.
 
 Model FLOP utilisation (MFU) is the model's FLOPs per second (6 x weights used per token,
 plus attention) over a matmul peak that this script measures itself, for the same dtype, in
-the same run. Every timed window starts after warm-up steps. Rounds alternate between the
-variants so that drift on a shared machine hits all of them alike; the table quotes medians.
+the same run. Every timed window starts after warm-up steps, and its speed comes from its
+median step (as the peak comes from its median matmul), so that a step slowed by another
+tenant of a shared machine does not count. Rounds alternate between the variants so that
+drift hits all of them alike; the table quotes the medians of the rounds.
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ def optimizer_factory(fused: bool):
     return make
 
 
+def tokens_per_second(step_starts: list[float]) -> float:
+    """Tokens/s of the median step, from the start time of each step and the end of the last."""
+    step_times = [end - start for start, end in zip(step_starts, step_starts[1:])]
+    return BATCH_SIZE * SEQ_LEN / statistics.median(step_times)
+
+
 def plain_loop(variant: Variant, warmup: int, steps: int) -> float:
     """Tokens/s of a bare loop: forward, loss, backward, clip, AdamW step."""
     torch.manual_seed(0)
@@ -97,10 +105,10 @@ def plain_loop(variant: Variant, warmup: int, steps: int) -> float:
         if variant.precision == "bf16-mixed"
         else contextlib.nullcontext()
     )
-    start = 0.0
+    step_starts = []
     for step in range(warmup + steps):
-        if step == warmup:
-            start = time.perf_counter()
+        if step >= warmup:
+            step_starts.append(time.perf_counter())
         rows = torch.arange(step * BATCH_SIZE, (step + 1) * BATCH_SIZE)
         inputs, targets = blocks.inputs[rows], blocks.targets[rows]
         with autocast:
@@ -114,23 +122,24 @@ def plain_loop(variant: Variant, warmup: int, steps: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    return steps * BATCH_SIZE * SEQ_LEN / (time.perf_counter() - start)
+    step_starts.append(time.perf_counter())
+    return tokens_per_second(step_starts)
 
 
 class StepTimer(L.Callback):
-    """Times the optimizer steps after `warmup`, from inside the real Trainer."""
+    """Times each step after `warmup`, from inside the real Trainer: from one batch's start
+    to the next one's, so that everything the Trainer does between them counts."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.start = 0.0
-        self.end = 0.0
+        self.step_starts: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+        if trainer.global_step >= self.warmup:
+            self.step_starts.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.end = time.perf_counter()
+        self.step_starts.append(time.perf_counter())
 
 
 def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
@@ -160,7 +169,7 @@ def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return steps * BATCH_SIZE * SEQ_LEN / (timer.end - timer.start)
+    return tokens_per_second(timer.step_starts)
 
 
 VARIANTS = [
@@ -210,8 +219,8 @@ def main() -> None:
     }
     print(
         f"model 'small' ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
-        f"vocab {VOCAB_SIZE}); batch {BATCH_SIZE} x {SEQ_LEN}; {steps} timed steps after "
-        f"{warmup} warm-up, median of {rounds} rounds; torch {torch.__version__}, "
+        f"vocab {VOCAB_SIZE}); batch {BATCH_SIZE} x {SEQ_LEN}; median of {steps} timed steps "
+        f"after {warmup} warm-up, median of {rounds} rounds; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
     print(
