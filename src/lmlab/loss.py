@@ -58,9 +58,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # under `limit`: 25 for a trained `small` model, where `limit` is 78 in float32.
         finfo = torch.finfo(hidden.dtype)
         limit = min(math.log(finfo.max / max(weight.size(0), 1)), -math.log(finfo.tiny)) - 1
-        # Checking the bound reads it on the host: free on CPU, a sync on other devices.
+        # Checking the bound reads it on the host: free on CPU, a sync on other devices,
+        # and a graph break under torch.compile (whose fused log-softmax needs no help).
         largest_row = None
-        if hidden.device.type == "cpu" and weight.numel():
+        if hidden.device.type == "cpu" and weight.numel() and not torch.compiler.is_compiling():
             largest_row = torch.linalg.vector_norm(weight, dim=1).max()
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -103,9 +104,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         # An unscaled loss (1.0, the usual case) skips two passes over the gradients.
-        # Reading the value is free on CPU; elsewhere it would be a host sync, and the
-        # passes are cheap there.
-        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+        # Reading the value is free on CPU; elsewhere it would be a host sync (the passes
+        # are cheap there), and under torch.compile a graph break.
+        on_host = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not on_host or grad_loss.item() != 1.0:
             for grad in (grad_hidden, grad_weight):
                 if grad is not None:
                     grad.mul_(grad_loss)
