@@ -6,10 +6,12 @@ side by side with a plain PyTorch loop of the same model, in the same run.
 
 Model FLOP utilisation (MFU) is the model's FLOPs per second (6 x weights used per token,
 plus attention) over a matmul peak that this script measures itself, for the same dtype, in
-the same run: the median of 10 matmuls in each round, and the highest round. Every timed
-window starts after warm-up steps, and its speed comes from its median step, so that a step
-slowed by another tenant of a shared machine does not count. Rounds alternate between the
-variants so that drift hits all of them alike; the table quotes the medians of the rounds.
+the same run: the median of 10 matmuls, sampled right before every timed window so that the
+machine's drift (its clock, other tenants) weighs on the peak as on the steps, and MFU uses
+the median of those samples. Every timed window starts after warm-up steps, and its speed
+comes from its median step, so that a step slowed by another tenant of a shared machine does
+not count. Rounds alternate between the variants so that drift hits all of them alike; the
+table quotes the medians of the rounds.
 """
 
 from __future__ import annotations
@@ -203,14 +205,15 @@ def main() -> None:
     speeds: dict[str, list[float]] = {v.name: [] for v in variants}
     peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(rounds):
-        peaks["fp32"].append(matmul_peak(torch.float32))
-        peaks["bf16"].append(matmul_peak(torch.bfloat16))
         for variant in variants:
+            # The peak is sampled right before each timed window, so that the machine's
+            # drift (clock, other tenants) weighs on the peak as on the steps.
+            dtype = "bf16" if variant.precision == "bf16-mixed" else "fp32"
+            peaks[dtype].append(matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32))
             run = plain_loop if variant.runner == "plain" else lightning_loop
             speeds[variant.name].append(run(variant, warmup, steps))
 
-    # The highest round: a peak measured in a slow moment would flatter MFU.
-    peak = {k: max(v) for k, v in peaks.items()}
+    peak = {k: statistics.median(v) for k, v in peaks.items() if v}
     reference = statistics.median(speeds[VARIANTS[0].name])
     # Lightning's overhead: against the plain loop doing the same work (dtype, loss, AdamW).
     plain_by_setup = {
@@ -224,11 +227,14 @@ def main() -> None:
         f"after {warmup} warm-up, median of {rounds} rounds; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(
-        f"matmul peak (1024^3, same run, highest of {rounds} rounds): "
-        f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; model FLOPs per token {flops_per_token(config) / 1e6:.1f} M"
-    )
+    for dtype, samples in peaks.items():
+        if samples:
+            print(
+                f"{dtype} matmul peak (1024^3): {peak[dtype] / 1e9:.0f} GFLOP/s, median of "
+                f"{len(samples)} samples, one before each timed window "
+                f"({min(samples) / 1e9:.0f} to {max(samples) / 1e9:.0f})"
+            )
+    print(f"model FLOPs per token {flops_per_token(config) / 1e6:.1f} M")
     header = (
         f"{'variant':34} {'tokens/s':>9} {'MFU':>6} {'x reference':>12} {'x plain same setup':>19}"
     )
