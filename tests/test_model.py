@@ -230,3 +230,15 @@ def test_training_with_dropout_stays_causal():
     after = model(changed)
     torch.testing.assert_close(before[:, :9], after[:, :9], rtol=0, atol=0)
     assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+def test_dropout_keeps_the_mean_exact_in_bfloat16():
+    # Under bf16-mixed the activations are bf16; a mask built in bf16 would round the scale
+    # 1 / 0.9 to 1.109375 and shrink every kept value's expectation by 0.16%.
+    x = torch.randn(8_000_000, generator=torch.Generator().manual_seed(0)).bfloat16()
+    torch.manual_seed(0)
+    y = Dropout(0.1).train()(x)
+    assert y.dtype == torch.bfloat16
+    # E[y] = x, so sum(y x) / sum(x x) is 1 up to sampling noise (sd 2e-4 here).
+    ratio = (y.double() * x.double()).sum() / (x.double() ** 2).sum()
+    assert ratio.item() == pytest.approx(1.0, abs=1e-3)

@@ -151,8 +151,10 @@ class Dropout(nn.Dropout):
         # Each int16 is uniform on [-32768, 32767]; `dropped` of its 65536 values drop.
         keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
         # The scale rides on a float mask: one multiply each way, autograd saves only
-        # the mask, and no 0/1 mask of another dtype is converted on every multiply.
-        return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
+        # the mask, and no 0/1 mask of another dtype is converted on every multiply. At
+        # least float32, so that bf16 does not round the scale (1 / 0.9 to 1.109375).
+        mask = keep.to(torch.promote_types(x.dtype, torch.float32))
+        return (x * mask.mul_(65536 / (65536 - dropped))).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
