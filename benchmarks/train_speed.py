@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import statistics
 import time
 import warnings
@@ -34,6 +35,7 @@ from lmlab.model import PRESETS, TransformerConfig, TransformerLM
 VOCAB_SIZE = 10_000
 SEQ_LEN = 64
 BATCH_SIZE = 32
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class Variant:
     # "fused": the model's own loss, fused with the output layer (lmlab/loss.py). The
     # LightningModule always uses the fused one.
     loss: str = "fused"
+
+    @property
+    def matmul_dtype(self) -> str:
+        """The dtype of its matmuls, the peak its MFU is measured against."""
+        return "bf16" if self.precision == "bf16-mixed" else "fp32"
 
 
 def model_config() -> TransformerConfig:
@@ -197,19 +204,17 @@ def main() -> None:
     variants = [v for v in VARIANTS if not (args.no_compile and v.compile)]
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric"):
-        import logging
-
         logging.getLogger(logger).setLevel(logging.ERROR)
 
     config = model_config()
     speeds: dict[str, list[float]] = {v.name: [] for v in variants}
-    peaks: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    peaks: dict[str, list[float]] = {name: [] for name in MATMUL_DTYPES}
     for _ in range(rounds):
         for variant in variants:
             # The peak is sampled right before each timed window, so that the machine's
             # drift (clock, other tenants) weighs on the peak as on the steps.
-            dtype = "bf16" if variant.precision == "bf16-mixed" else "fp32"
-            peaks[dtype].append(matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32))
+            dtype = variant.matmul_dtype
+            peaks[dtype].append(matmul_peak(MATMUL_DTYPES[dtype]))
             run = plain_loop if variant.runner == "plain" else lightning_loop
             speeds[variant.name].append(run(variant, warmup, steps))
 
@@ -242,7 +247,7 @@ def main() -> None:
     print("-" * len(header))
     for variant in variants:
         speed = statistics.median(speeds[variant.name])
-        dtype = "bf16" if variant.precision == "bf16-mixed" else "fp32"
+        dtype = variant.matmul_dtype
         mfu = speed * flops_per_token(config) / peak[dtype]
         same_setup = plain_by_setup.get((variant.precision, variant.loss, variant.fused))
         ratio_same = f"{speed / same_setup:.3f}" if same_setup else "-"
