@@ -13,6 +13,7 @@ by SLURM (hydra/launcher=slurm) or torchrun are used as they are.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -28,10 +29,10 @@ from hydra.utils import get_original_cwd, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import UserError
+from lmlab.run_folder import SWEEP_DIR_ENV
 
 log = logging.getLogger(__name__)
 
-SWEEP_DIR_ENV = "LMLAB_SWEEP_DIR"  # tells a job run in fresh processes which sweep it belongs to
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 # Hydra settings a job run in fresh processes keeps from the sweep's command line.
 FORWARDED_HYDRA_OVERRIDES = (
@@ -97,9 +98,12 @@ def _script_command() -> list[str]:
 
 
 def _config_flags() -> list[str]:
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    """The --config-path/-name/-dir flags of this process's command line (Hydra's spelling)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config-path", "-cp")
+    parser.add_argument("--config-name", "-cn")
+    parser.add_argument("--config-dir", "-cd")
+    args, _ = parser.parse_known_args(sys.argv[1:])
     flags = []
     for flag, value in (
         ("--config-path", args.config_path),

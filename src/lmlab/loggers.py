@@ -123,7 +123,7 @@ def _sweep_group() -> str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lmlab.distributed import SWEEP_DIR_ENV
+    from lmlab.run_folder import SWEEP_DIR_ENV
 
     if os.environ.get(SWEEP_DIR_ENV):
         return Path(os.environ[SWEEP_DIR_ENV]).name
