@@ -16,7 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lmlab.sweep import collect, write_result, write_summary
+from lmlab.result import write_result
+from lmlab.sweep import collect, write_summary
 
 from conftest import ROOT, run_entry_point, tiny_overrides
 
