@@ -113,14 +113,19 @@ def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
     ]
 
 
+def python_path(env: dict[str, str]) -> str:
+    """PYTHONPATH for a child process: this checkout's src/, and tests/ for the fault callbacks."""
+    return os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "tests"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+
+
 def run_entry_point(
     script: str, *overrides: str, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess[str]:
     """Run a root entry point (train.py, generate.py, eval.py) as a user would."""
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "src"), *filter(None, [full_env.get("PYTHONPATH")])]
-    )
+    full_env["PYTHONPATH"] = python_path(full_env)
     return subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=ROOT,
@@ -148,7 +153,7 @@ def run_console_script(
     module, _, function = console_scripts()[name].partition(":")
     code = f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; sys.exit({function}())"
     env = {**os.environ}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = python_path(env)
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         cwd=cwd or ROOT,

@@ -16,18 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, python_path
 
 _SERVER = r"""
 import json, os, runpy, sys, traceback
 import hydra, lightning, torch  # the slow imports, done once
 import lmlab.train, lmlab.generation, lmlab.evaluation, tensorboard, matplotlib.pyplot
 sys.path.insert(0, os.path.dirname(SCRIPT))
+child_code = None
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        code = 1
+        child_code = 1
         try:
             out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -36,17 +37,18 @@ for line in sys.stdin:
             os.environ.update(request["env"])
             sys.argv = [SCRIPT, *request["args"]]
             runpy.run_path(SCRIPT, run_name="__main__")
-            code = 0
+            child_code = 0
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            code = stop.code
+            child_code = code if isinstance(code, int) else (0 if code is None else 1)
         except BaseException:
             traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        break  # the child ends as a process does: atexit handlers run (they release run locks)
     _, status = os.waitpid(pid, 0)
     print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+if child_code is not None:
+    sys.stdin.close()
+    sys.exit(child_code)
 """
 
 
@@ -59,9 +61,7 @@ class ForkServer:
     def __init__(self, script: str, scratch: Path) -> None:
         self.scratch = scratch
         env = {**os.environ}
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
-        )
+        env["PYTHONPATH"] = python_path(env)
         code = f"SCRIPT = {str(ROOT / script)!r}\n" + _SERVER
         self.process = subprocess.Popen(
             [sys.executable, "-c", code],

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import fault_overrides, record_overrides
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
 from lmlab.config import check_train_config, instantiate_each
-from lmlab.data import file_md5
+from lmlab.download import file_digest
 from lmlab.errors import UserError
 from lmlab.failsafe import AtomicCheckpointIO, prepare_checkpoint_dirs
 from lmlab.resume import resume_argv
@@ -59,8 +60,8 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "<file>": str(plain_file),
         "<run>": str(run),
         "<empty_run>": str(empty_run),
-        "<train_md5>": file_md5(corpus / "ptb.train.txt"),
-        "<truncated_md5>": file_md5(corpus / "truncated.txt"),
+        "<train_md5>": file_digest(corpus / "ptb.train.txt"),
+        "<truncated_md5>": file_digest(corpus / "truncated.txt"),
     }
 
 
@@ -125,7 +126,7 @@ def test_unwritable_checkpoint_folder_stops_before_training(
         "train.py",
         *tiny_overrides(corpus_dir, cache_dir, run),
         f"callbacks.periodic_checkpoint.dirpath={blocker}/checkpoints",
-        env={"LMLAB_RECORD": str(tmp_path / "record.txt")},
+        *record_overrides(tmp_path / "record.txt"),
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -144,7 +145,7 @@ def test_nan_loss_stops_without_a_nan_checkpoint(
         *tiny_overrides(corpus_dir, cache_dir, run),
         "logger=csv",
         "callbacks.periodic_checkpoint.every_n_train_steps=4",
-        env={"LMLAB_FAULT": "nan@7"},
+        *fault_overrides("nan", 7),
     )
     last = run / "checkpoints" / "last.ckpt"
     assert result.returncode == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import fault_overrides, record_overrides
 from forkserver import ForkServer
 
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
@@ -93,7 +94,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
 
 
 def _records(path: Path) -> dict[tuple[str, int], float]:
-    """`LMLAB_RECORD` lines; a step replayed after a kill must repeat its value exactly."""
+    """`faults.Recorder` lines; a step replayed after a kill must repeat its value exactly."""
     values: dict[tuple[str, int], float] = {}
     for line in path.read_text().splitlines():
         kind, step, value = line.split()
@@ -126,11 +127,8 @@ def test_interrupted_run_equals_uninterrupted_run(
 
     server = ForkServer("train.py", tmp_path)
 
-    def train(run: Path, record: Path, *extra: str, fault: str | None = None):
-        env = {"LMLAB_RECORD": str(record)}
-        if fault:
-            env["LMLAB_FAULT"] = fault
-        return server.run(*extra, env=env)
+    def train(*extra: str, fault: tuple[str, int] | None = None):
+        return server.run(*extra, *fault_overrides(*(fault or (None,))))
 
     base = [
         *tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused"),
@@ -142,7 +140,7 @@ def test_interrupted_run_equals_uninterrupted_run(
     base = [o for o in base if not o.startswith("hydra.run.dir=")]
 
     straight = tmp_path / "straight"
-    done = train(straight, tmp_path / "straight.txt", *base, f"hydra.run.dir={straight}")
+    done = train(*base, *record_overrides(tmp_path / "straight.txt"), f"hydra.run.dir={straight}")
     assert done.returncode == 0, done.stderr
 
     run, record = tmp_path / "stopped", tmp_path / "stopped.txt"
@@ -150,31 +148,31 @@ def test_interrupted_run_equals_uninterrupted_run(
     last = checkpoints / "last.ckpt"
 
     # SIGTERM during step 5: finish it, checkpoint, exit 143
-    result = train(run, record, *base, f"hydra.run.dir={run}", fault="sigterm@5")
+    result = train(*base, *record_overrides(record), f"hydra.run.dir={run}", fault=("sigterm", 5))
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert _load(last)["global_step"] == 5
 
     # SIGKILL mid-epoch, while the step-`every` checkpoint is being written: the
     # step-5 one survives, and steps 6 to `every` are replayed (identically)
-    result = train(run, record, f"resume={run}", fault=f"kill_in_save@{every}")
+    result = train(f"resume={run}", fault=("kill_in_save", every))
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert "resuming" in result.stdout and "(step 5)" in result.stdout
     assert list(checkpoints.glob(".last.ckpt.*.tmp")), "the unfinished save left no temp file"
     assert _load(last)["global_step"] == 5
 
     # SIGKILL right after the checkpoint written on epoch 0's last batch
-    result = train(run, record, f"resume={run}", fault=f"sigkill@{steps_per_epoch}")
+    result = train(f"resume={run}", fault=("sigkill", steps_per_epoch))
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert not list(checkpoints.glob(".*.tmp")), "stale temp file not cleaned up"
     assert _load(last)["global_step"] == steps_per_epoch
 
     # SIGINT mid-epoch, past a periodic checkpoint: finish the step, checkpoint, exit 130
     stop = steps_per_epoch + every + 3
-    result = train(run, record, f"resume={run}", fault=f"sigint@{stop}")
+    result = train(f"resume={run}", fault=("sigint", stop))
     assert result.returncode == 128 + signal.SIGINT, result.stderr
     assert _load(last)["global_step"] == stop
 
-    result = train(run, record, f"resume={run}")
+    result = train(f"resume={run}")
     assert result.returncode == 0, result.stderr
     server.close()
 

@@ -1,9 +1,16 @@
-"""Testing aid: make a training run fail on purpose at a chosen step, and record it.
+"""Testing aid: callbacks that make a train.py run fail on purpose at a chosen step, or record it.
 
-Tests drive `train.py` as a subprocess and steer it through environment
-variables; real runs never set them, and without them this adds nothing.
+Tests add them to a run as config nodes, never through the environment, so a
+real run neither loads nor reads any of this:
 
-LMLAB_FAULT=KIND@STEP, steps counted from 1 (optimizer steps):
+    fault_overrides("sigkill", 5)   # ++callbacks.fault._target_=faults.Fault ...
+    record_overrides(path)          # ++callbacks.record._target_=faults.Recorder ...
+
+`conftest.run_entry_point` and `forkserver.ForkServer` put tests/ on the
+child's PYTHONPATH, so Hydra finds `faults.Fault`. A resumed run keeps the
+stored config's nodes: pass `fault_overrides(None)` to switch a fault off.
+
+Fault kinds, steps counted from 1 (optimizer steps):
     sigkill      SIGKILL the process right before step STEP + 1 starts (after
                  step STEP, its validation and its checkpoints)
     sigterm      send SIGTERM to the process during step STEP
@@ -12,7 +19,7 @@ LMLAB_FAULT=KIND@STEP, steps counted from 1 (optimizer steps):
                  after step STEP (its temporary file exists, unfinished)
     nan          make the weights NaN before step STEP, so its loss is NaN
 
-LMLAB_RECORD=PATH appends `train STEP LOSS` after every training step and
+`Recorder(path)` appends `train STEP LOSS` after every training step and
 `val STEP PPL` after every validation, floats written exactly (repr).
 """
 
@@ -29,22 +36,25 @@ import torch
 KINDS = ("sigkill", "sigterm", "sigint", "kill_in_save", "nan")
 
 
-def fault_callbacks() -> list[L.Callback]:
-    """The callbacks the environment asks for; none in real runs."""
-    callbacks: list[L.Callback] = []
-    if record := os.environ.get("LMLAB_RECORD"):
-        callbacks.append(Recorder(Path(record)))
-    if fault := os.environ.get("LMLAB_FAULT"):
-        kind, _, step = fault.partition("@")
-        if kind not in KINDS or not step.isdigit():
-            raise ValueError(f"LMLAB_FAULT must be KIND@STEP with KIND in {KINDS}, got {fault!r}")
-        callbacks.append(Fault(kind, int(step)))
-    return callbacks
+def fault_overrides(kind: str | None, step: int = 0) -> list[str]:
+    """The train.py overrides that add (or, with None, switch off) a fault."""
+    if kind is None:
+        return ["++callbacks.fault=null"]
+    return [
+        "++callbacks.fault._target_=faults.Fault",
+        f"++callbacks.fault.kind='{kind}'",  # quoted: Hydra reads a bare nan as a float
+        f"++callbacks.fault.step={step}",
+    ]
+
+
+def record_overrides(path: Path) -> list[str]:
+    """The train.py overrides that record every training loss and val/ppl into `path`."""
+    return ["++callbacks.record._target_=faults.Recorder", f"++callbacks.record.path='{path}'"]
 
 
 class Recorder(L.Callback):
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
 
     def _write(self, line: str) -> None:
         with self.path.open("a") as f:
@@ -66,6 +76,8 @@ class _KillWhenPickled:
 
 class Fault(L.Callback):
     def __init__(self, kind: str, step: int) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"a fault is one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.step = step
 
