@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks, download
+from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks
 from lmlab.errors import UserError
 from lmlab.vocab import tokenize
 
@@ -153,15 +153,6 @@ def test_prepare_downloads_missing_files_and_verifies_them(http_server, corpus_d
     assert not list((tmp_path / "ptb").glob(".*tmp"))  # no temporary files left behind
 
 
-def test_download_with_bad_checksum_leaves_no_file(http_server, tmp_path):
-    served, base = http_server
-    (served / "f.txt").write_text("not the corpus\n")
-    dest = tmp_path / "out" / "f.txt"
-    with pytest.raises(UserError, match="has md5 .* expected 1{32}"):
-        download(f"{base}/f.txt", dest, md5="1" * 32)
-    assert not dest.exists()
-
-
 def test_unreachable_server_gives_an_offline_hint(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -180,6 +171,6 @@ def test_a_prepared_module_does_not_hash_the_corpus_again(corpus_dir, cache_dir,
     def fail(*_):
         raise AssertionError("hashed the corpus again")
 
-    monkeypatch.setattr("lmlab.data.file_md5", fail)
+    monkeypatch.setattr("lmlab.data.file_digest", fail)
     dm.prepare_data()  # Lightning's call inside fit()
     assert dm.vocab.words[:2] == ["<eos>", "<unk>"]

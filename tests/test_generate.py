@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,7 +20,9 @@ from lmlab.generation import (
     check_generate_config,
     continue_prompts,
     encode_prompts,
+    format_continuations,
     read_prompts,
+    stream_continuation,
 )
 from lmlab.model import TransformerConfig, TransformerLM
 from lmlab.vocab import Vocabulary
@@ -252,3 +256,59 @@ def test_generate_end_to_end(trained_run, tmp_path):
         for i, tokens in enumerate(samples)
     ]
     assert [json.loads(line) for line in result.stdout.splitlines()] == expected
+
+
+# ---------------------------------------------------------------------------
+# One prompt: words appear as they are chosen; Ctrl-C keeps them.
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+@pytest.mark.parametrize("stop_at_eos", [True, False])
+def test_streamed_text_is_the_line_the_batch_path_prints(strategy: str, stop_at_eos: bool):
+    model = tiny_model(seed=3)
+    decoding = Decoding(strategy=strategy, temperature=0.9, top_k=5, stop_at_eos=stop_at_eos)
+    prompt = encode_prompts(["the company"], VOCAB, 16)
+    (batched,) = continue_prompts(
+        model,
+        prompt,
+        40,
+        decoding,
+        eos_id=VOCAB.eos_id,
+        generator=torch.Generator().manual_seed(5),
+    )
+    (line,) = format_continuations(["the company"], [batched], VOCAB, "text")
+    out = io.StringIO()
+    stream_continuation(
+        model, prompt[0], 40, decoding, VOCAB, torch.Generator().manual_seed(5), out
+    )
+    assert out.getvalue() == line + "\n"
+
+
+def test_one_prompt_streams_and_ctrl_c_keeps_what_was_printed(tmp_path):
+    folder = export(tiny_model(seed=4), VOCAB, tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "generate.py"),
+            f"ckpt={folder}",
+            "prompt=the company",
+            "strategy=sample",
+            "top_k=5",
+            "max_new_tokens=100000000",  # far more than it can write before the signal
+            "stop_at_eos=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = process.stdout.read(200)  # arrives while the process still decodes
+    assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err.decode()[-2000:]
+    assert err.decode().strip() == ""  # no traceback
+    text = (first + rest).decode()
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert set(text.split()) <= set(VOCAB.words) and len(text.split()) > 20

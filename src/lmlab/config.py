@@ -9,16 +9,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lmlab.checks import is_int, is_number
 from lmlab.errors import UserError
 from lmlab.model import TransformerConfig
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _in(
@@ -33,7 +26,7 @@ def _in(
 
 
 def _int(low: int) -> Callable[[Any], bool]:
-    return lambda value: _is_int(value) and value >= low
+    return lambda value: is_int(value) and value >= low
 
 
 def _or_null(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -50,21 +43,21 @@ def _one_of(*choices: Any) -> Callable[[Any], bool]:
 
 def _run_limit(value: Any) -> bool:
     """`max_epochs`, `max_steps`: a positive count, or -1 for no limit."""
-    return _is_int(value) and (value == -1 or value >= 1)
+    return is_int(value) and (value == -1 or value >= 1)
 
 
 def _batch_limit(value: Any) -> bool:
     """`limit_*_batches`: a fraction of the split, or a number of batches."""
-    return (_is_int(value) and value >= 0) or (_is_number(value) and 0 <= value <= 1)
+    return (is_int(value) and value >= 0) or (is_number(value) and 0 <= value <= 1)
 
 
 def _interval(value: Any) -> bool:
     """`val_check_interval`: a fraction of an epoch, or a number of batches."""
-    return (_is_int(value) and value >= 1) or (_is_number(value) and 0 < value <= 1)
+    return (is_int(value) and value >= 1) or (is_number(value) and 0 < value <= 1)
 
 
 def _probability_pair(value: Any) -> bool:
-    return len(value) == 2 and all(_is_number(v) and 0 <= v < 1 for v in value)
+    return len(value) == 2 and all(is_number(v) and 0 <= v < 1 for v in value)
 
 
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
@@ -77,16 +70,16 @@ NUMBER = "a number"
 # test. A key may have a type rule, then a range rule. Keys a config does not
 # have are skipped (optimizers take different arguments).
 RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
-    ("seed", "an integer", _is_int),
+    ("seed", "an integer", is_int),
     ("test", "true or false", _is_bool),
     ("compile", "true or false", _is_bool),
-    ("optimizer.lr", NUMBER, _is_number),
+    ("optimizer.lr", NUMBER, is_number),
     ("optimizer.lr", "> 0", _in(0, math.inf, low_open=True)),
-    ("optimizer.weight_decay", NUMBER, _is_number),
+    ("optimizer.weight_decay", NUMBER, is_number),
     ("optimizer.weight_decay", ">= 0", _in(0, math.inf)),
-    ("optimizer.eps", NUMBER, _is_number),
+    ("optimizer.eps", NUMBER, is_number),
     ("optimizer.eps", "> 0", _in(0, math.inf, low_open=True)),
-    ("optimizer.momentum", NUMBER, _is_number),
+    ("optimizer.momentum", NUMBER, is_number),
     ("optimizer.momentum", "in [0, 1)", _in(0, 1, high_open=True)),
     ("optimizer.betas", "two numbers in [0, 1)", _probability_pair),
     ("data.seq_len", POSITIVE, _int(1)),
@@ -98,19 +91,19 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("model.n_head", POSITIVE, _int(1)),
     ("model.n_embd", POSITIVE, _int(1)),
     ("model.mlp_ratio", POSITIVE, _int(1)),
-    ("model.dropout", NUMBER, _is_number),
+    ("model.dropout", NUMBER, is_number),
     ("model.dropout", "in [0, 1)", _in(0, 1, high_open=True)),
-    ("model.attn_dropout", f"{NUMBER} or null", _or_null(_is_number)),
+    ("model.attn_dropout", f"{NUMBER} or null", _or_null(is_number)),
     ("model.attn_dropout", "in [0, 1) or null", _or_null(_in(0, 1, high_open=True))),
     ("model.bias", "true or false", _is_bool),
     ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
-    ("scheduler.min_lr_ratio", NUMBER, _is_number),
+    ("scheduler.min_lr_ratio", NUMBER, is_number),
     ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
     ("trainer.accelerator", f"one of {', '.join(ACCELERATORS)}", _one_of(*ACCELERATORS)),
     (
         "trainer.devices",
         f"{POSITIVE}, -1 or 'auto'",
-        lambda v: v in ("auto", -1) or (_is_int(v) and v >= 1),
+        lambda v: v in ("auto", -1) or (is_int(v) and v >= 1),
     ),
     ("trainer.precision", f"one of {', '.join(PRECISIONS[:6])}", _one_of(*PRECISIONS)),
     ("trainer.max_epochs", f"{POSITIVE} (or -1 for no limit)", _or_null(_run_limit)),

@@ -9,12 +9,7 @@ never tensor-per-sample.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -24,6 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmlab.atomic import write_atomically
+from lmlab.checks import is_int, is_positive_int
+from lmlab.download import download, file_digest
 from lmlab.errors import UserError
 from lmlab.progress import status
 from lmlab.vocab import Vocabulary, tokenize
@@ -31,47 +29,6 @@ from lmlab.vocab import Vocabulary, tokenize
 SPLITS = ("train", "valid", "test")
 IGNORE_INDEX = -100  # target value of padding positions; cross-entropy skips them
 CACHE_FORMAT = 1  # bump when the cached files change meaning
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder.
-
-    The temporary file shares the destination's file system, so the final
-    rename is atomic: readers see the old file or the new one, never half.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def download(url: str, dest: Path, md5: str | None = None, timeout: float = 30.0) -> None:
-    """Fetch `url` into `dest`, verifying `md5` before the file appears at `dest`."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise UserError(f"could not download {url}: {reason}") from None
-    if md5 is not None and hashlib.md5(data).hexdigest() != md5:
-        raise UserError(
-            f"downloaded {url} has md5 {hashlib.md5(data).hexdigest()}, expected {md5}; "
-            "the source may have changed or the transfer was corrupted"
-        )
-    write_atomically(dest, data)
 
 
 class TokenBlocks(Dataset):
@@ -238,15 +195,13 @@ class LMDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise UserError(f"data.{name} must be a positive integer, got {value!r}")
-        if eval_batch_size is not None and (
-            not isinstance(eval_batch_size, int) or eval_batch_size < 1
-        ):
+        if eval_batch_size is not None and not is_positive_int(eval_batch_size):
             raise UserError(
                 f"data.eval_batch_size must be a positive integer, got {eval_batch_size!r}"
             )
-        if not isinstance(num_workers, int) or num_workers < 0:
+        if not (is_int(num_workers) and num_workers >= 0):
             raise UserError(f"data.num_workers must be a non-negative integer, got {num_workers!r}")
         missing = [split for split in SPLITS if split not in files]
         if missing:
@@ -280,7 +235,8 @@ class LMDataModule(L.LightningDataModule):
             )
         for split in missing:
             try:
-                download(self.urls[split], self.paths[split], self.md5.get(split))
+                md5 = self.md5.get(split)
+                download(self.urls[split], self.paths[split], checksum=md5 and ("md5", md5))
             except UserError as error:
                 raise UserError(
                     f"{error}; offline? put {names} in {self.data_dir} "
@@ -293,7 +249,7 @@ class LMDataModule(L.LightningDataModule):
             path = self.paths[split]
             if path.stat().st_size == 0:
                 raise UserError(f"{path} is empty; replace it with the {split} split")
-            digests[split] = file_md5(path)
+            digests[split] = file_digest(path, "md5")
             expected = self.md5.get(split)
             if expected is not None and digests[split] != expected:
                 raise UserError(
@@ -354,10 +310,8 @@ class LMDataModule(L.LightningDataModule):
                 vocab.encode(word for line in lines[split] for word in tokenize(line)),
                 dtype=np.int32,
             )
-            write_atomically(self.cache_path / f"{split}.npy", _npy_bytes(ids))
-        write_atomically(
-            self.cache_path / "vocab.json", json.dumps({"words": vocab.words}).encode()
-        )
+            write_atomically(self.cache_path / f"{split}.npy", lambda f, ids=ids: np.save(f, ids))
+        vocab.save(self.cache_path / "vocab.json")
 
     # -- loading ------------------------------------------------------------
 
@@ -411,9 +365,3 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()

@@ -15,9 +15,8 @@ paths therefore agree exactly until the first shift and differ after it.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmlab.checks import is_int, is_real
 from lmlab.model import KVCache
 
 # float32 cumulative sums are off by ~1e-7, so a prefix whose mass is below p by
@@ -36,16 +36,8 @@ _MASS_TOLERANCE = 1e-6
 # Argument checks: one line saying what is wrong and how to fix it.
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_temperature(temperature: float) -> None:
-    if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
+    if not (is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(
             f"temperature must be a finite number >= 0, got {temperature!r}; "
             "use 0 for greedy decoding or a positive value such as 0.8 to sample"
@@ -53,7 +45,7 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _check_top_k(top_k: int | None) -> None:
-    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+    if top_k is not None and not (is_int(top_k) and top_k >= 1):
         raise ValueError(
             f"top_k must be an integer >= 1, got {top_k!r}; "
             "use top_k=None to turn top-k filtering off, or a value such as 50"
@@ -61,7 +53,7 @@ def _check_top_k(top_k: int | None) -> None:
 
 
 def _check_top_p(top_p: float | None) -> None:
-    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(
             f"top_p must be in (0, 1], got {top_p!r}; "
             "use top_p=None (or 1.0) to turn nucleus sampling off, or a value such as 0.9"
@@ -90,27 +82,27 @@ def check_decoding_args(
     _check_temperature(temperature)
     _check_top_k(top_k)
     _check_top_p(top_p)
-    if not (_is_int(num_beams) and num_beams >= 1):
+    if not (is_int(num_beams) and num_beams >= 1):
         raise ValueError(
             f"num_beams must be an integer >= 1, got {num_beams!r}; use 1 to decode without beams"
         )
-    if not (_is_int(max_new_tokens) and max_new_tokens >= 0):
+    if not (is_int(max_new_tokens) and max_new_tokens >= 0):
         raise ValueError(
             f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}; "
             "pass how many tokens to generate after the prompt"
         )
-    if not (_is_int(num_samples) and num_samples >= 1):
+    if not (is_int(num_samples) and num_samples >= 1):
         raise ValueError(
             f"num_samples must be an integer >= 1, got {num_samples!r}; "
             "pass how many continuations to generate per prompt"
         )
-    if not (_is_real(length_penalty) and math.isfinite(length_penalty)):
+    if not (is_real(length_penalty) and math.isfinite(length_penalty)):
         raise ValueError(
             f"length_penalty must be a finite number, got {length_penalty!r}; "
             "use 1.0 to rank beams by average log-probability per token, 0 for their sum"
         )
     if eos_id is not None and not (
-        _is_int(eos_id) and eos_id >= 0 and (vocab_size is None or eos_id < vocab_size)
+        is_int(eos_id) and eos_id >= 0 and (vocab_size is None or eos_id < vocab_size)
     ):
         bound = "" if vocab_size is None else f" below the vocabulary size {vocab_size}"
         raise ValueError(
@@ -313,6 +305,7 @@ def generate(
     stop_at_eos: bool = False,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Prompt plus up to `max_new_tokens` new tokens, (B, T + new).
 
@@ -323,8 +316,9 @@ def generate(
     columns, once every row has. `use_cache=False` recomputes the whole
     context every step: slower, and the reference the cached path is tested
     against. Sequences longer than `block_size` shift their window as the
-    module docstring says. The model runs in eval mode; its previous mode is
-    restored.
+    module docstring says. `on_token(next_ids)`, if given, sees each step's
+    new tokens (B,) as soon as they are chosen (to stream them). The model runs
+    in eval mode; its previous mode is restored.
     """
     vocab_size = model.config.vocab_size
     top_k = check_decoding_args(
@@ -356,6 +350,8 @@ def generate(
                 done |= next_ids == eos_id
             tokens[:, length] = next_ids
             length += 1
+            if on_token is not None:
+                on_token(next_ids)
             if stop_at_eos and bool(done.all()):
                 break
     return tokens[:, :length].clone()

@@ -14,17 +14,20 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import export, load_model
+from lmlab.checks import is_int
 from lmlab.decoding import beam_search, check_decoding_args, generate
 from lmlab.errors import UserError
 from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 STRATEGIES = ("greedy", "sample", "beam")
 OUTPUTS = ("text", "jsonl")
 
@@ -32,10 +35,6 @@ OUTPUTS = ("text", "jsonl")
 def warn(message: str) -> None:
     """One line on stderr, for things the user should know but that are not errors."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -214,6 +213,55 @@ def continue_prompts(
     return results
 
 
+def streamable(decoding: Decoding) -> bool:
+    """Whether words can be shown as they are chosen: one continuation, not a beam search."""
+    return decoding.strategy != "beam" and decoding.num_samples == 1
+
+
+def stream_continuation(
+    model: nn.Module,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    decoding: Decoding,
+    vocab: Vocabulary,
+    generator: torch.Generator | None = None,
+    out: TextIO | None = None,
+) -> None:
+    """Continue one prompt, writing each word to `out` (stdout) as soon as it is chosen.
+
+    The text is exactly the line `format_continuations` would print for it.
+    """
+    out = out or sys.stdout
+    shown = 0
+    ended = False
+
+    def show(next_ids: torch.Tensor) -> None:
+        nonlocal shown, ended
+        token = int(next_ids[0])
+        if ended or (decoding.stop_at_eos and token == vocab.eos_id):
+            ended = True
+            return
+        out.write((" " if shown else "") + vocab.words[token])
+        out.flush()
+        shown += 1
+
+    device = next(model.parameters()).device
+    generate(
+        model,
+        torch.tensor([list(prompt)], device=device),
+        max_new_tokens,
+        temperature=0.0 if decoding.strategy == "greedy" else decoding.temperature,
+        top_k=decoding.top_k,
+        top_p=decoding.top_p,
+        eos_id=vocab.eos_id,
+        stop_at_eos=decoding.stop_at_eos,
+        generator=generator,
+        on_token=show,
+    )
+    out.write("\n")
+    out.flush()
+
+
 def until_eos(tokens: list[int], eos_id: int) -> list[int]:
     """`tokens` up to, not including, the first `eos_id`."""
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
@@ -263,9 +311,9 @@ def check_generate_config(cfg: Mapping) -> Decoding:
     if cfg.get("output") not in OUTPUTS:
         raise UserError(f"output must be one of {', '.join(OUTPUTS)}; got {cfg.get('output')!r}")
     seed, batch_size = cfg.get("seed"), cfg.get("batch_size")
-    if not (_is_int(seed) and seed >= 0):
+    if not (is_int(seed) and seed >= 0):
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if not (_is_int(batch_size) and batch_size >= 1):
+    if not (is_int(batch_size) and batch_size >= 1):
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     export = cfg.get("export")
     if export is not None and not str(export).strip():
@@ -288,14 +336,21 @@ def main(cfg: DictConfig) -> None:
     decoding = decoding.check(cfg.max_new_tokens, vocab_size=len(vocab))  # clips top_k
     prompts = encode_prompts(texts, vocab, model.config.block_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    continuations = continue_prompts(
-        model,
-        prompts,
-        cfg.max_new_tokens,
-        decoding,
-        eos_id=vocab.eos_id,
-        generator=generator,
-        batch_size=cfg.batch_size,
-    )
-    for line in format_continuations(texts, continuations, vocab, cfg.output):
-        print(line)
+    try:
+        if len(prompts) == 1 and cfg.output == "text" and streamable(decoding):
+            stream_continuation(model, prompts[0], cfg.max_new_tokens, decoding, vocab, generator)
+            return
+        continuations = continue_prompts(
+            model,
+            prompts,
+            cfg.max_new_tokens,
+            decoding,
+            eos_id=vocab.eos_id,
+            generator=generator,
+            batch_size=cfg.batch_size,
+        )
+        for line in format_continuations(texts, continuations, vocab, cfg.output):
+            print(line, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was printed, end its line, no traceback
+        print(flush=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from lmlab.atomic import write_atomically
+
 EOS = "<eos>"
 UNK = "<unk>"
 
@@ -54,7 +56,8 @@ class Vocabulary:
         return list(dict.fromkeys(w for w in words if w not in self.index))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"words": self.words}, ensure_ascii=False))
+        """`{"words": [...]}` as JSON, written atomically."""
+        write_atomically(path, json.dumps({"words": self.words}, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
