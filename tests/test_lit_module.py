@@ -8,18 +8,31 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lmlab.data import IGNORE_INDEX
-from lmlab.lit_module import LanguageModel, Perplexity
+from lmlab.lit_module import LanguageModel
+from lmlab.metrics import Perplexity
 from lmlab.model import TransformerConfig
+
+
+def _batches(vocab_size: int, seq_len: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three batches of random blocks; the last one ends in padding, as a split's last block does."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        tokens = torch.randint(0, vocab_size, (2, seq_len + 1), generator=generator)
+        batches.append((tokens[:, :-1], tokens[:, 1:].clone()))
+    batches[2][1][1, 3:] = IGNORE_INDEX  # padding of the last block is not a token
+    return batches
 
 
 def test_perplexity_is_exp_of_mean_nll_over_real_targets_across_batches():
     generator = torch.Generator().manual_seed(0)
     logits = [torch.randn(2, 5, 7, generator=generator) for _ in range(3)]
     targets = [torch.randint(0, 7, (2, 5), generator=generator) for _ in range(3)]
-    targets[2][1, 3:] = IGNORE_INDEX  # padding of the last block is not a token
+    targets[2][1, 3:] = IGNORE_INDEX
     metric = Perplexity()
     for x, y in zip(logits, targets):
-        metric.update(x, y)
+        nll = F.cross_entropy(x.flatten(0, 1), y.flatten(), reduction="sum")
+        metric.update(nll, (y != IGNORE_INDEX).sum())
     log_probs = torch.cat([F.log_softmax(x, -1).flatten(0, 1) for x in logits])
     flat = torch.cat([y.flatten() for y in targets])
     real = flat != IGNORE_INDEX
@@ -28,14 +41,52 @@ def test_perplexity_is_exp_of_mean_nll_over_real_targets_across_batches():
     assert int(metric.count) == 28
 
 
+def test_validation_through_the_fused_loss_equals_the_full_logits_perplexity():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=32)
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(48)]
+    module = LanguageModel(config, words, optimizer=torch.optim.AdamW).eval()
+    batches = _batches(config.vocab_size)
+    with torch.no_grad():
+        for batch in batches:
+            module.validation_step(batch, 0)
+        fused = module.val_ppl.compute().item()
+        # the old path: the (B, T, vocab) logits, then cross-entropy over the real targets
+        logits = torch.cat([module(x).flatten(0, 1) for x, _ in batches]).double()
+        targets = torch.cat([y.flatten() for _, y in batches])
+        full = math.exp(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX).item())
+    assert abs(fused / full - 1) < 1e-6
+    assert int(module.val_ppl.count) == int((targets != IGNORE_INDEX).sum())
+
+
+def test_training_validation_and_test_share_one_loss_path():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(48)]
+    module = LanguageModel(config, words, optimizer=torch.optim.AdamW).eval()
+    calls = []
+    model_step = module.model_step
+    module.model_step = lambda batch: calls.append(len(batch)) or model_step(batch)
+    module.trainer = L.Trainer(logger=False, enable_progress_bar=False)  # for log_every_n_steps
+    batch = _batches(config.vocab_size)[2]
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        module.validation_step(batch, 0)
+        module.test_step(batch, 0)
+    assert calls == [2, 2, 2]
+    nll, count = model_step(batch)
+    assert torch.equal(loss, nll / count)
+    assert torch.equal(module.val_ppl.nll, module.test_ppl.nll)
+
+
 def test_perplexity_of_a_perfect_model_is_one_and_uniform_is_vocab_size():
-    targets = torch.tensor([[1, 2, 3]])
-    confident = torch.full((1, 3, 5), -1e4).scatter(2, targets[..., None], 0.0)
+    targets = torch.tensor([1, 2, 3])
+    confident = torch.full((3, 5), -1e4).scatter(1, targets[:, None], 0.0)
     metric = Perplexity()
-    metric.update(confident, targets)
+    metric.update(F.cross_entropy(confident, targets, reduction="sum"), 3)
     assert abs(metric.compute().item() - 1.0) < 1e-6
     metric.reset()
-    metric.update(torch.zeros(1, 3, 5), targets)
+    metric.update(F.cross_entropy(torch.zeros(3, 5), targets, reduction="sum"), 3)
     assert abs(metric.compute().item() - 5.0) < 1e-5
 
 

@@ -29,6 +29,23 @@ def test_loss_and_gradients_equal_cross_entropy_of_the_logits(chunk_rows: int):
     assert fused_grads[0][::5].abs().max() == 0  # ignored rows get no gradient
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_sum_reduction_gives_the_summed_nll_and_the_count(chunk_rows: int):
+    hidden, weight, targets = problem(53, torch.float64)
+    nll, count = linear_cross_entropy(
+        hidden, weight, targets, reduction="sum", chunk_rows=chunk_rows
+    )
+    fused_grads = torch.autograd.grad(nll / count, (hidden, weight))
+    plain = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
+    plain_grads = torch.autograd.grad(plain / 42, (hidden, weight))
+    assert int(count) == int((targets != -100).sum()) == 42
+    torch.testing.assert_close(nll, plain, rtol=1e-12, atol=0)
+    for got, expected in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
 def test_float32_matches_within_rounding_and_only_requested_gradients_are_made():
     hidden, weight, targets = problem(200, torch.float32)
     fused = linear_cross_entropy(hidden, weight.detach(), targets)

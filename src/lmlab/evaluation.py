@@ -12,12 +12,13 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-from lmlab.checkpoint import is_url, load_model
+from lmlab.checkpoint import load_model
+from lmlab.checks import is_int, is_positive_int
+from lmlab.download import is_url
 from lmlab.errors import UserError
 from lmlab.generation import (
     Decoding,
@@ -105,6 +106,7 @@ def perplexity(
     # lmlab.data brings in Lightning, seconds to import: imported here so that
     # eval.py turns a bad checkpoint or value away before paying for it.
     from lmlab.data import IGNORE_INDEX, TokenBlocks
+    from lmlab.metrics import Perplexity
 
     if stride is None:
         blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
@@ -112,7 +114,7 @@ def perplexity(
     else:
         pairs = _windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
     device = next(model.parameters()).device
-    total_nll, count = 0.0, 0
+    metric = Perplexity().to(device)
     model.eval()
     with torch.inference_mode():
         num_windows = len(tokens) // stride + 1 if stride else len(blocks)
@@ -120,16 +122,10 @@ def perplexity(
         for batch in track(batches, "perplexity", total=-(-num_windows // batch_size)):
             inputs = torch.stack([x for x, _ in batch]).to(device)  # (B, seq_len)
             targets = torch.stack([y for _, y in batch]).to(device)
-            logits = model(inputs).float()  # (B, seq_len, vocab)
-            nll = F.cross_entropy(
-                logits.flatten(0, 1),
-                targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total_nll += float(nll.double())
-            count += int((targets != IGNORE_INDEX).sum())
-    mean = total_nll / max(count, 1)
+            # the training's own loss path: the fused output layer, summed, no logits
+            metric.update(*model(inputs, targets=targets, reduction="sum"))
+    count = int(metric.count)
+    mean = float(metric.nll) / max(count, 1)
     return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
 
 
@@ -189,10 +185,6 @@ def continuation_bleu(
 # eval.py: its checks and its steps.
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def check_eval_config(cfg: Mapping) -> Decoding:
     """Check eval.py's values before anything is loaded; return the BLEU decoding settings."""
     if cfg.get("ckpt") is None:
@@ -204,18 +196,18 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         raise UserError(f"split must be one of {', '.join(splits)}; got {cfg.get('split')!r}")
     for key in ("seq_len", "stride"):
         value = cfg.get(key)
-        if value is not None and not _positive_int(value):
+        if value is not None and not is_positive_int(value):
             raise UserError(f"{key} must be a positive integer or null, got {value!r}")
-    if not _positive_int(cfg.get("batch_size")):
+    if not is_positive_int(cfg.get("batch_size")):
         raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
     bleu = cfg.get("bleu") or {}
     num_sentences = bleu.get("num_sentences", 0)
-    if not (isinstance(num_sentences, int) and num_sentences >= 0):
+    if not (is_int(num_sentences) and num_sentences >= 0):
         raise UserError(
             f"bleu.num_sentences must be an integer >= 0 (0 skips BLEU), got {num_sentences!r}"
         )
     for key in ("prompt_words", "n_gram"):
-        if not _positive_int(bleu.get(key)):
+        if not is_positive_int(bleu.get(key)):
             raise UserError(f"bleu.{key} must be a positive integer, got {bleu.get(key)!r}")
     try:
         return Decoding.from_config(bleu).check(max_new_tokens=0)

@@ -41,14 +41,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: Tensor,
         ignore_index: int,
         chunk_rows: int,
+        mean: bool,
     ) -> Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.empty_like(weight) if want_weight else None
         counted = targets != ignore_index
         count = counted.sum()
-        # The gradient of the mean: each counted row weighs 1 / count (nan if none counts).
-        row_weight = (counted.to(hidden.dtype) / count)[:, None]
+        # Each counted row weighs 1 in the sum, 1 / count in the mean (nan if none counts).
+        row_weight = counted.to(hidden.dtype)[:, None]
+        if mean:
+            row_weight = row_weight / count
         safe_targets = targets.masked_fill(~counted, 0)[:, None]  # any valid index; masked below
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         # One buffer for every chunk's logits, so the same memory stays in cache.
@@ -91,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # reference, so autograd can accumulate into these buffers instead of copying.
         ctx.grads = (grad_hidden, grad_weight)
         # 0 / 0 gives nan when every target is ignored, as F.cross_entropy does.
-        return (total / count).to(hidden.dtype)
+        return (total / count if mean else total).to(hidden.dtype)
 
     @staticmethod
     @once_differentiable
@@ -111,7 +114,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for grad in (grad_hidden, grad_weight):
                 if grad is not None:
                     grad.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def exp_logits_and_nll(
@@ -139,23 +142,33 @@ def linear_cross_entropy(
     weight: Tensor,
     targets: Tensor,
     ignore_index: int = -100,
+    reduction: str = "mean",
     chunk_rows: int = CHUNK_ROWS,
-) -> Tensor:
-    """Mean of `F.cross_entropy(hidden @ weight.T, targets, ignore_index=...)`, without the logits.
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=...)`, without the logits.
 
-    `hidden` (N, C), `weight` (vocab, C), `targets` (N,). Under autocast, or
-    with 16-bit weights (`trainer.precision=bf16-true`), this falls back to the
-    plain computation with float32 logits: a softmax summed in 16 bits would
-    lose the loss's precision, and mixed precision already makes the logits
-    cheaper.
+    `hidden` (N, C), `weight` (vocab, C), `targets` (N,). `reduction="mean"`
+    gives the mean over the counted targets (training's loss); `"sum"` gives
+    `(summed NLL, number of counted targets)`, what a perplexity over a whole
+    split accumulates. Under autocast, or with 16-bit weights
+    (`trainer.precision=bf16-true`), this falls back to the plain computation
+    with float32 logits: a softmax summed in 16 bits would lose the loss's
+    precision, and mixed precision already makes the logits cheaper.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy needs hidden (N, C) and targets (N,), "
             f"got {tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     half = hidden.dtype not in (torch.float32, torch.float64)
     if half or torch.is_autocast_enabled(hidden.device.type):
         logits = F.linear(hidden, weight).float()
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
+        loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    else:
+        mean = reduction == "mean"
+        loss = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, mean)
+    if reduction == "mean":
+        return loss
+    return loss, (targets != ignore_index).sum()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmlab.checks import is_positive_int
 from lmlab.loss import linear_cross_entropy
 
 
@@ -36,7 +37,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)
@@ -268,15 +269,20 @@ class TransformerLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: Tensor, cache: KVCache | None = None, targets: Tensor | None = None
-    ) -> Tensor:
+        self,
+        idx: Tensor,
+        cache: KVCache | None = None,
+        targets: Tensor | None = None,
+        reduction: str = "mean",
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the loss instead.
 
         With a `cache`, `idx` continues the sequence the cache holds: its
         positions start at `cache.length`, and the cache advances by T. With
         `targets` (B, T), it returns their mean cross-entropy (positions whose
-        target is -100 do not count), fused with the output layer so that the
-        logits are never materialised (see lmlab/loss.py).
+        target is -100 do not count), or with `reduction="sum"` the summed NLL
+        and the number of counted targets, fused with the output layer so that
+        the logits are never materialised (see lmlab/loss.py).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -294,7 +300,9 @@ class TransformerLM(nn.Module):
             cache.length += T
         x = self.ln_final(x)
         if targets is not None:
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            return linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction=reduction
+            )
         return self.lm_head(x)  # (B, T, vocab)
 
     def _decode_one(self, idx: Tensor, cache: KVCache) -> Tensor:
