@@ -1,9 +1,10 @@
-"""generate_speed.py, which the README quotes, still runs and prints every row (timings are not
-checked). train_speed.py is left out: its quick mode builds six Trainers, 25 s of the suite."""
+"""The benchmarks the README quotes still run and print every row (timings are not checked)."""
+
+import importlib.util
 
 import pytest
 
-from conftest import run_entry_point
+from conftest import ROOT, run_entry_point
 
 pytestmark = pytest.mark.slow
 
@@ -17,3 +18,21 @@ def test_generate_speed_prints_every_method_and_batch():
     for cached, uncached, ratio in rows.values():  # tokens/s with and without the cache
         assert float(cached) > 0 and float(uncached) > 0
         assert float(ratio) == pytest.approx(float(cached) / float(uncached), abs=0.1)
+
+
+def test_train_speed_prints_every_variant():
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks/train_speed.py")
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    VARIANTS = train_speed.VARIANTS
+
+    result = run_entry_point("benchmarks/train_speed.py", "--quick", "--no-compile")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        for variant in VARIANTS:
+            if line.startswith(variant.name + " ") and not variant.compile:
+                rows[variant.name] = line[len(variant.name) :].split()
+    assert set(rows) == {v.name for v in VARIANTS if not v.compile}
+    for tokens_per_s, mfu, ratio, _ in rows.values():
+        assert float(tokens_per_s) > 0 and 0 < float(mfu.rstrip("%")) < 100 and float(ratio) > 0

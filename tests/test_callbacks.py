@@ -12,11 +12,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmlab.callbacks import ParameterSummary, ProgressBar, RunRecorder, SampleText
+from lmlab.callbacks import ParameterSummary, ProgressBar
 from lmlab.config import instantiate_each
 from lmlab.lit_module import LanguageModel
 from lmlab.model import TransformerConfig
-from lmlab.plot import load_curves
+from lmlab.record import load_curves
+from lmlab.recorder import RunRecorder
+from lmlab.samples import SampleText
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

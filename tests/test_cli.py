@@ -21,7 +21,7 @@ def test_each_console_script_names_a_function_of_the_package():
 @pytest.mark.parametrize(
     "script, root, expected",
     [
-        ("lmlab-train", "train.py", "_target_: lmlab.callbacks.SampleText"),
+        ("lmlab-train", "train.py", "_target_: lmlab.samples.SampleText"),
         ("lmlab-generate", "generate.py", "strategy: sample"),
         ("lmlab-eval", "eval.py", "split: test"),
     ],

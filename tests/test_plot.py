@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.plot import find_runs, load_curves, main, plot_curves, run_label
+from lmlab.plot import find_runs, main, plot_curves, run_label
+from lmlab.record import load_curves
 
 from conftest import ROOT
 

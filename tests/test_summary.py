@@ -10,7 +10,8 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmlab.model import TransformerConfig, TransformerLM
-from lmlab.summary import RunSummary, generate_command, parameter_counts, parameter_table
+from lmlab.parameters import parameter_counts, parameter_table
+from lmlab.summary import RunSummary, generate_command
 
 
 def test_parameter_counts_split_the_model_into_parts():

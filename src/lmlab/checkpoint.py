@@ -20,17 +20,13 @@ tensors and plain values.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pickle
 import re
-import shutil
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +34,19 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lmlab.atomic import write_atomically
+from lmlab.download import download, is_url
 from lmlab.errors import UserError, report_user_errors
 from lmlab.model import TransformerConfig, TransformerLM
 from lmlab.vocab import Vocabulary
 
-CHECKPOINT_KEY = "lmlab"  # where a checkpoint carries its model config and vocabulary
+METADATA_KEY = "lmlab"  # checkpoint["lmlab"]: what a checkpoint says about itself
 CHECKPOINT_FORMAT = 1
 MODEL_PREFIX = "model."  # LanguageModel keeps the network as `self.model`
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "config.json"  # the model config in an exported folder
+MODEL_CONFIG_FILE = "model_config.json"  # the model config beside a run's checkpoints
 VOCAB_FILE = "vocab.json"
 
 # What the weights-only unpickler says when a file asks for code or objects.
@@ -62,8 +61,31 @@ _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _REFUSED = "refusing to load it; only lmlab checkpoints of tensors and plain values are accepted"
 
 
-def is_url(source: str | Path) -> bool:
-    return str(source).startswith(("http://", "https://"))
+# ---------------------------------------------------------------------------
+# What a checkpoint says about itself.
+
+
+def checkpoint_metadata(model_config: TransformerConfig, vocab_words: Sequence[str]) -> dict:
+    """`checkpoint["lmlab"]`: the format, the model config and the vocabulary, as plain values.
+
+    The one builder of this dict: `LanguageModel.on_save_checkpoint` stores it,
+    `write_model_files` writes its readable copies beside the checkpoints and
+    into an exported folder, and `load_model` reads it back.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": model_config.to_dict(),
+        "vocab": list(vocab_words),
+    }
+
+
+def write_model_files(
+    folder: str | Path, metadata: dict, config_file: str = MODEL_CONFIG_FILE
+) -> None:
+    """The readable copies of `metadata`: the model config (`config_file`) and `vocab.json`."""
+    folder = Path(folder)
+    write_atomically(folder / config_file, json.dumps(metadata["model_config"], indent=2) + "\n")
+    Vocabulary(metadata["vocab"]).save(folder / VOCAB_FILE)
 
 
 # ---------------------------------------------------------------------------
@@ -74,7 +96,8 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     """The checkpoint dict at a path or an http(s) URL, loaded without running any code."""
     name = str(source)
     if is_url(source):
-        with _downloaded(name) as path:
+        with tempfile.TemporaryDirectory(prefix="lmlab-ckpt-") as folder:
+            path = download(name, Path(folder) / "download.ckpt", what="checkpoint ")
             return _load_plain(path, name)
     path = Path(source).expanduser()
     if not path.exists():
@@ -85,20 +108,6 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise UserError(f"checkpoint {name} is a folder; pass the .ckpt file inside it")
     return _load_plain(path, name)
-
-
-@contextlib.contextmanager
-def _downloaded(url: str, timeout: float = 60.0) -> Iterator[Path]:
-    """`url` fetched into a temporary file, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="lmlab-ckpt-") as folder:
-        path = Path(folder) / "download.ckpt"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, path.open("wb") as f:
-                shutil.copyfileobj(response, f)
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            raise UserError(f"could not download checkpoint {url}: {reason}") from None
-        yield path
 
 
 def _load_plain(path: Path, name: str) -> dict[str, Any]:
@@ -196,10 +205,10 @@ def load_model(
 
 
 def _unpack(checkpoint: dict, name: str) -> tuple[dict, list, dict]:
-    meta = checkpoint.get(CHECKPOINT_KEY)
+    meta = checkpoint.get(METADATA_KEY)
     if meta is None:
         raise UserError(
-            f"{name} is not an lmlab checkpoint: it has no {CHECKPOINT_KEY!r} entry with the "
+            f"{name} is not an lmlab checkpoint: it has no {METADATA_KEY!r} entry with the "
             "model config and vocabulary; pass a .ckpt file written by train.py"
         )
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
@@ -255,14 +264,27 @@ def export(model: TransformerLM, vocab: Vocabulary, folder: str | Path) -> Path:
     out = Path(folder).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"export folder {folder} is a file; pass a folder path")
-    out.mkdir(parents=True, exist_ok=True)
-    # save_model stores tied weights (lm_head = token_embedding) once
-    safetensors.torch.save_model(
-        model, str(out / WEIGHTS_FILE), metadata={"lmlab_format": str(CHECKPOINT_FORMAT)}
+    weights = safetensors.torch.save(
+        _unique_tensors(model.state_dict()), metadata={"lmlab_format": str(CHECKPOINT_FORMAT)}
     )
-    (out / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    vocab.save(out / VOCAB_FILE)
+    write_atomically(out / WEIGHTS_FILE, weights)
+    write_model_files(out, checkpoint_metadata(model.config, vocab.words), config_file=CONFIG_FILE)
     return out
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each shared tensor once (tied `lm_head.weight` is `token_embedding.weight`).
+
+    safetensors refuses shared memory; `safetensors.torch.load_model` restores the tie.
+    """
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for key, tensor in state.items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if where not in seen:
+            seen.add(where)
+            unique[key] = tensor.contiguous()
+    return unique
 
 
 def _load_export(folder: Path, name: str) -> tuple[TransformerLM, Vocabulary]:

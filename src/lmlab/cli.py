@@ -16,6 +16,7 @@ Hydra app.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,22 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module_name), function_name)
 
 
+def print_lightning_lines_once() -> None:
+    """Drop the console handler `import lightning` adds when Hydra's job logging is on.
+
+    Hydra's handlers on the root logger already print (and write to train.log)
+    every record that Lightning's loggers pass up; Lightning's own handler on
+    the `lightning` logger printed each line a second time ("INFO: Seed set").
+    """
+    root = logging.getLogger()
+    if not root.handlers:  # generate.py and eval.py switch Hydra's logging off
+        return
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler and lightning_logger.propagate:
+            lightning_logger.removeHandler(handler)
+
+
 def entry_point(
     target: str,
     config_name: str,
@@ -58,14 +75,11 @@ def entry_point(
     ("module:function") rewrites it before Hydra reads it: `resume=RUN_DIR`
     picks the run folder and the stored config.
     """
-    module_name, _, function_name = target.partition(":")
 
     def task(cfg: DictConfig) -> Any:
-        return _load(target)(cfg)
-
-    # Hydra names the job after the task's module: the log file is train.log, as with train.py.
-    task.__module__ = module_name
-    task.__name__ = task.__qualname__ = function_name
+        function = _load(target)
+        print_lightning_lines_once()
+        return function(cfg)
 
     def main() -> Any:
         # Imported only when the command line asks for it: the rewrite module loads Lightning.

@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import secrets
 import signal
 import sys
 import tempfile
@@ -32,15 +31,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from lmlab.atomic import TMP_SUFFIX, stale_temporaries, write_atomically
 from lmlab.errors import UserError
-from lmlab.faults import fault_callbacks
 from lmlab.resume import ResumeState
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TMP_SUFFIX = ".tmp"  # temporary checkpoints are named .NAME.RANDOM.tmp beside NAME
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -57,28 +55,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         refuse_non_finite(checkpoint, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
         try:
-            # os.open, unlike mkstemp, gives the file the usual umask permissions
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            # mmap: checks the archive and its pickle without reading every tensor
-            torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
-            os.replace(tmp, path)
+            write_atomically(
+                path,
+                lambda f: torch.save(checkpoint, f),
+                # mmap: checks the archive and its pickle without reading every tensor
+                verify=lambda tmp: torch.load(
+                    tmp, map_location="cpu", weights_only=True, mmap=True
+                ),
+            )
         except (OSError, RuntimeError) as error:  # disk full, folder gone, ...
-            tmp.unlink(missing_ok=True)
             reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
             raise UserError(
                 f"could not write checkpoint {path}: {reason}; the previous one is intact"
             ) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
         if not path.is_file():
             raise OSError(f"checkpoint {path} is missing right after it was written")
 
@@ -91,20 +81,6 @@ def refuse_non_finite(checkpoint: dict[str, Any], path: Path) -> None:
             raise UserError(
                 f"weights are not finite at step {step} ({name}); {path} was not written"
             )
-
-
-def _fsync_dir(folder: Path) -> None:
-    # makes the rename itself durable; not every file system allows it
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prepare_checkpoint_dirs(callbacks: Iterable[Any]) -> None:
@@ -126,7 +102,7 @@ def prepare_checkpoint_dirs(callbacks: Iterable[Any]) -> None:
         except OSError as error:
             reason = error.strerror or error
             raise UserError(f"checkpoint folder {folder} is not writable: {reason}") from None
-        for stale in folder.glob(f".*.ckpt.*{TMP_SUFFIX}"):
+        for stale in stale_temporaries(folder, "*.ckpt"):
             log.info("removing %s, left by an interrupted checkpoint save", stale)
             stale.unlink(missing_ok=True)
 
@@ -363,5 +339,5 @@ class NonFiniteGuard(L.Callback):
 
 def run_callbacks() -> list[L.Callback]:
     """The callbacks every training run gets, besides those in the config."""
-    # order matters within a step: record (tests), then check, then stop
-    return [*fault_callbacks(), NonFiniteGuard(), ResumeState(), GracefulStop()]
+    # order matters within a step: check, then stop (the config's callbacks come first)
+    return [NonFiniteGuard(), ResumeState(), GracefulStop()]

@@ -20,12 +20,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import UserError
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
-CHECKPOINT_KEY = "lmlab_resume"  # where checkpoints carry the state ResumeState restores
+RESUME_STATE_KEY = "lmlab_resume"  # checkpoint["lmlab_resume"]: the state ResumeState restores
 LAST = "last.ckpt"
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
@@ -67,6 +67,7 @@ def resume_argv(argv: list[str]) -> list[str]:
             raise UserError(f"resume= writes into the run's own folder {run_dir}; drop {arg}")
 
     step = _global_step(checkpoint)
+    job_name = _job_name(hydra_dir)
     _keep_previous_config(hydra_dir)
     shown = " ".join(overrides) if overrides else "none"
     print(
@@ -81,6 +82,8 @@ def resume_argv(argv: list[str]) -> list[str]:
         "config",
         *overrides,
         f"hydra.run.dir={_quote(str(output_dir))}",
+        # the stored config.yaml has no hydra node: keep the job's name (and its log file)
+        *([f"hydra.job.name={_quote(job_name)}"] if job_name else []),
         f"++{RESUME_KEY}={_quote(str(checkpoint))}",
     ]
 
@@ -111,7 +114,7 @@ def locate(path: Path) -> tuple[Path, Path]:
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The folders the run's ModelCheckpoint callbacks write to."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = _read_stored(run_dir / ".hydra" / "config.yaml")
     if "paths" in cfg:
         cfg.paths.output_dir = str(_original_output_dir(run_dir))
     folders = []
@@ -127,6 +130,23 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return folders or [run_dir / "checkpoints"]
 
 
+def _read_stored(path: Path) -> DictConfig:
+    """A run's stored `.hydra/*.yaml`, or one line saying it cannot be read."""
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax, encoding, permissions, ...
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        cfg, problem = None, f"does not load ({reason})"
+    else:
+        problem = "is not a mapping of config keys"
+    if not isinstance(cfg, DictConfig):
+        raise UserError(
+            f"cannot resume: the run's stored config {path} {problem}; restore it from a "
+            "copy (.hydra/resume-N/ keeps earlier ones) or start a new run without resume="
+        )
+    return cfg
+
+
 def _is_run_dir(path: Path) -> bool:
     return (path / ".hydra" / "config.yaml").is_file()
 
@@ -135,7 +155,7 @@ def _original_output_dir(run_dir: Path) -> Path:
     """The run folder as spelled when the run started: checkpoints record that path."""
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     if hydra_yaml.is_file():
-        recorded = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.output_dir")
+        recorded = OmegaConf.select(_read_stored(hydra_yaml), "hydra.runtime.output_dir")
         if recorded and Path(recorded).is_dir() and Path(recorded).samefile(run_dir):
             return Path(recorded)
     return run_dir
@@ -145,8 +165,15 @@ def _config_groups(hydra_dir: Path) -> set[str]:
     hydra_yaml = hydra_dir / "hydra.yaml"
     if not hydra_yaml.is_file():
         return set()
-    choices = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices") or {}
+    choices = OmegaConf.select(_read_stored(hydra_yaml), "hydra.runtime.choices") or {}
     return {group for group in choices if not group.startswith("hydra/")}
+
+
+def _job_name(hydra_dir: Path) -> str | None:
+    hydra_yaml = hydra_dir / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    return OmegaConf.select(_read_stored(hydra_yaml), "hydra.job.name")
 
 
 def _global_step(checkpoint: Path) -> int:
@@ -194,13 +221,13 @@ class ResumeState(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
         loader = trainer.train_dataloader
-        checkpoint[CHECKPOINT_KEY] = {
+        checkpoint[RESUME_STATE_KEY] = {
             "rng": rng_state(),
             "train_loader": loader.state_dict() if hasattr(loader, "load_state_dict") else None,
         }
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
-        self._to_restore = checkpoint.get(CHECKPOINT_KEY)
+        self._to_restore = checkpoint.get(RESUME_STATE_KEY)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state, self._to_restore = self._to_restore, None

@@ -1,10 +1,9 @@
-"""What a run is made of and what it achieved: parameter counts, and the end-of-run summary.
+"""What a run achieved: the end-of-run summary, printed as a table and written to `summary.json`.
 
-`parameter_counts` splits a model's parameters into parts (embeddings,
-attention, MLP, norms); `RunSummary` gathers the figures of a finished run from
-the trainer, its checkpoint callback and the run's own record (`metrics.jsonl`,
-see `lmlab.callbacks.RunRecorder`), prints them as a Rich table and writes
-them to `summary.json`.
+`RunSummary.collect` takes the figures the run measured (steps, perplexities,
+checkpoint paths, token counts and clocks) and reads the rest from the run's own
+record (`metrics.jsonl`, see `lmlab.record`). It imports neither Lightning nor
+the callbacks: train.py hands it the values.
 """
 
 from __future__ import annotations
@@ -12,75 +11,20 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import lightning as L
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.model import MLP, CausalSelfAttention
+from lmlab.atomic import write_atomically
+from lmlab.humanize import format_duration
+from lmlab.parameters import parameter_counts
+from lmlab.record import METRICS_FILE, load_curves
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_PROMPT = "the company said"
-
-
-# ---------------------------------------------------------------------------
-# Parameters per part.
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters per part: embeddings, attention, mlp, norms, other; shared tensors count once.
-
-    A parameter belongs to its nearest enclosing attention or MLP block, else to
-    its own module's kind (embedding, LayerNorm); anything else (an untied
-    output layer) is "other". The tied output layer shares the token embedding
-    and is counted with the embeddings.
-    """
-    counts = dict.fromkeys(("embeddings", "attention", "mlp", "norms", "other"), 0)
-    seen: set[int] = set()
-
-    def walk(module: nn.Module, part: str) -> None:
-        if isinstance(module, CausalSelfAttention):
-            part = "attention"
-        elif isinstance(module, MLP):
-            part = "mlp"
-        elif isinstance(module, nn.Embedding):
-            part = "embeddings"
-        elif isinstance(module, nn.LayerNorm):
-            part = "norms"
-        for param in module.parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                counts[part] += param.numel()
-        for child in module.children():
-            walk(child, part)
-
-    walk(model, "other")
-    return counts
-
-
-def parameter_table(model: nn.Module, title: str = "Model parameters") -> Table:
-    counts = parameter_counts(model)
-    total = sum(counts.values())
-    table = Table(title=title, title_justify="left")
-    table.add_column("part")
-    table.add_column("parameters", justify="right")
-    table.add_column("share", justify="right")
-    for part, count in counts.items():
-        if count or part != "other":
-            table.add_row(part, f"{count:,}", f"{count / max(total, 1):.1%}")
-    table.add_section()
-    table.add_row("total", f"{total:,}", "100.0%")
-    without = total - counts["embeddings"]
-    table.add_row("without embeddings", f"{without:,}", f"{without / max(total, 1):.1%}")
-    return table
-
-
-# ---------------------------------------------------------------------------
-# The end-of-run summary.
 
 
 def _number(value: object) -> float | None:
@@ -105,14 +49,6 @@ def _shown_path(path: str | Path | None) -> str | None:
 def generate_command(checkpoint: str, prompt: str = DEFAULT_PROMPT) -> str:
     """The command line that decodes from `checkpoint`, quoted for a POSIX shell."""
     return f'python generate.py {shlex.quote(f"ckpt={checkpoint}")} prompt="{prompt}"'
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}:{minutes:02d}:{secs:05.2f}"
 
 
 @dataclass
@@ -141,64 +77,64 @@ class RunSummary:
 
     @classmethod
     def collect(
-        cls, trainer: L.Trainer, run_dir: str | Path, test_ppl: float | None = None
+        cls,
+        run_dir: str | Path,
+        *,
+        steps: int,
+        epochs: int,
+        test_ppl: float | None = None,
+        model: nn.Module | None = None,
+        best_val_ppl: float | None = None,
+        best_checkpoint: str | Path | None = None,
+        last_checkpoint: str | Path | None = None,
+        tokens_seen: int | None = None,
+        train_time_s: float | None = None,
+        wall_time_s: float | None = None,
+        record_dir: str | Path | None = None,
+        curves: str | Path | None = None,
+        samples: str | Path | None = None,
+        prompt: str = DEFAULT_PROMPT,
     ) -> RunSummary:
-        """Gather the figures after `trainer.fit` (and `trainer.test`, whose result is `test_ppl`)."""
-        from lmlab.callbacks import RunRecorder, SampleText, find_callback
-        from lmlab.plot import load_curves
+        """The summary from what a finished run measured.
 
-        run_dir = Path(run_dir)
-        recorder = find_callback(trainer, RunRecorder)
-        sampler = find_callback(trainer, SampleText)
-        checkpoint = trainer.checkpoint_callback
-
+        `record_dir` holds the run's `metrics.jsonl` (best step, final val/ppl,
+        number of validations come from it); `curves` and `samples` are files the
+        run drew and wrote, shown when they exist; `prompt` goes into the decoding
+        command.
+        """
         best_step = final_val_ppl = validations = None
-        tokens_seen = wall_time = train_time = tokens_per_s = curves_path = None
-        if recorder is not None:
-            tokens_seen = recorder.tokens_seen
-            train_time = recorder.train_time_s
-            tokens_per_s = tokens_seen / train_time if train_time else None
-            if recorder.fit_started is not None:
-                wall_time = time.perf_counter() - recorder.fit_started
-            if recorder.metrics_path.is_file():
-                curves = load_curves(recorder.dirpath)
-                best_step = curves.best_step
-                final_val_ppl = curves.val_ppl[-1] if curves.val_ppl else None
-                validations = len(curves.val_ppl)
-            if recorder.plot_path.is_file():
-                curves_path = _shown_path(recorder.plot_path)
-
-        best_path = getattr(checkpoint, "best_model_path", "") or None
-        last_path = getattr(checkpoint, "last_model_path", "") or None
-        model = getattr(trainer.lightning_module, "model", None)
+        if record_dir is not None and (Path(record_dir) / METRICS_FILE).is_file():
+            record = load_curves(record_dir)
+            best_step = record.best_step
+            final_val_ppl = record.val_ppl[-1] if record.val_ppl else None
+            validations = len(record.val_ppl)
         parameters = without = None
         if model is not None:
             counts = parameter_counts(model)
             parameters = sum(counts.values())
             without = parameters - counts["embeddings"]
-        prompt = sampler.prompts[0] if sampler is not None and sampler.prompts else DEFAULT_PROMPT
-        shown_best = _shown_path(best_path)
+        shown_best = _shown_path(best_checkpoint)
         return cls(
             run_dir=str(_shown_path(run_dir)),
-            steps=trainer.global_step,
-            epochs=trainer.current_epoch,
+            steps=steps,
+            epochs=epochs,
             tokens_seen=tokens_seen,
-            best_val_ppl=_number(getattr(checkpoint, "best_model_score", None)),
+            best_val_ppl=_number(best_val_ppl),
             best_step=best_step,
             final_val_ppl=_number(final_val_ppl),
             test_ppl=_number(test_ppl),
             validations=validations,
-            wall_time_s=_number(wall_time),
-            train_time_s=_number(train_time),
-            tokens_per_s=_number(tokens_per_s),
+            wall_time_s=_number(wall_time_s),
+            train_time_s=_number(train_time_s),
+            tokens_per_s=_number(tokens_seen / train_time_s)
+            if tokens_seen is not None and train_time_s
+            else None,
             parameters=parameters,
             parameters_without_embeddings=without,
             best_checkpoint=shown_best,
-            last_checkpoint=_shown_path(last_path),
-            curves=curves_path,
-            samples=_shown_path(sampler.samples_path)
-            if sampler is not None and sampler.samples_path.is_file()
-            else None,
+            last_checkpoint=_shown_path(last_checkpoint),
+            curves=_shown_path(curves) if curves and Path(curves).is_file() else None,
+            samples=_shown_path(samples) if samples and Path(samples).is_file() else None,
             generate_command=generate_command(shown_best, prompt) if shown_best else None,
         )
 
@@ -206,7 +142,7 @@ class RunSummary:
         return asdict(self)
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:
@@ -235,8 +171,8 @@ class RunSummary:
                 f"{self.steps:,} ({self.epochs} epochs, {count(self.validations)} validations)",
             ),
             ("tokens seen", count(self.tokens_seen)),
-            ("wall time", _duration(self.wall_time_s)),
-            ("training time", _duration(self.train_time_s)),
+            ("wall time", format_duration(self.wall_time_s, decimals=2)),
+            ("training time", format_duration(self.train_time_s, decimals=2)),
             ("tokens/s", "-" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f}"),
             (
                 "parameters",

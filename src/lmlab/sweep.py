@@ -1,143 +1,30 @@
-"""Sweeps: each job's `result.json`, failed jobs that do not stop a sweep, and the summary.
+"""The summary of a sweep: every job's `result.json` gathered into a table and a figure.
 
-Every run of train.py writes `result.json` into its folder: status, best
-val/ppl, test/ppl, steps, wall time and overrides. In a sweep (`-m`) a job that
-raises, or whose val/ppl is not finite (the loss diverged), is recorded as
-failed and returns NaN, so the other jobs still run. `SweepSummary`, a Hydra
-callback, then writes summary.csv, summary.md and summary.png into the sweep
-folder and exits with code 1 if a job failed (`allow_failed_jobs: true`, as in
-an Optuna search, only if every job failed). Outside sweeps errors propagate:
-one line for a bad value, a traceback for a bug.
+Each job of a sweep (`-m`) writes its `result.json` (`lmlab.result`); a failed
+job is recorded and the other jobs still run. `SweepSummary`, a Hydra callback,
+then writes summary.csv, summary.md and summary.png into the sweep folder and
+exits with code 1 if a job failed (`allow_failed_jobs: true`, as in an Optuna
+search, only if every job failed).
 """
 
 from __future__ import annotations
 
 import csv
-import functools
-import json
-import logging
 import math
 import statistics
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab import distributed, loggers
-from lmlab.errors import UserError, find_user_error
+from lmlab.checks import is_number
+from lmlab.result import COMPLETED, MISSING, RESULT_FILE, read_result
 
-log = logging.getLogger(__name__)
-
-RESULT_FILE = "result.json"
-COMPLETED, FAILED, MISSING = "completed", "failed", "missing"
 SUMMARY_COLUMNS = ["best_val_ppl", "test_ppl", "steps", "wall_time_s", "status"]
-
-
-def in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[DictConfig], float]:
-    """Run one job, write its `result.json`, return its best val/ppl (NaN if it failed).
-
-    `train(cfg)` returns `best_val_ppl`, `test_ppl`, `steps` and `best_checkpoint`.
-    In a sweep, a job that needs several processes started by Lightning runs as
-    a fresh `train.py` in its folder (see `lmlab.distributed`).
-    """
-
-    @functools.wraps(train)
-    def run(cfg: DictConfig) -> float:
-        start = time.monotonic()
-        output_dir = Path(cfg.paths.output_dir)
-        sweeping = in_sweep()
-        result: dict[str, Any] = {"status": FAILED, "error": None}
-        ok = False
-        try:
-            if sweeping and distributed.sweep_job_needs_fresh_processes(cfg.trainer):
-                (output_dir / RESULT_FILE).unlink(missing_ok=True)
-                code = distributed.run_in_fresh_processes(output_dir)
-                result.update(read_result(output_dir) or {})
-                ok = result["status"] == COMPLETED and code == 0
-                if not ok and not result["error"]:
-                    result["error"] = f"train.py exited with code {code}"
-            else:
-                result.update(train(cfg))
-                best = result.get("best_val_ppl")
-                ok = best is None or _finite(best)  # None: no validation ran (max_steps)
-                if not ok:
-                    result["error"] = (
-                        f"best val/ppl is {result.get('best_val_ppl')}: training diverged "
-                        "(non-finite loss); try a lower optimizer.lr"
-                    )
-        except distributed.SweepSetupError:
-            raise  # a sweep that cannot work stops before any job trains
-        except Exception as error:
-            result["error"] = _describe(error)
-            if not sweeping:
-                _finish(output_dir, result, start, ok=False)
-                raise
-            if isinstance(find_user_error(error), UserError):
-                log.error("job failed: %s", result["error"])
-            else:
-                log.error("job failed:\n%s", traceback.format_exc())
-        _finish(output_dir, result, start, ok=ok)
-        if not ok and not sweeping and rank_zero_only.rank == 0:
-            raise UserError(result["error"] or "the run failed")
-        return float(result["best_val_ppl"]) if ok and _finite(result["best_val_ppl"]) else math.nan
-
-    return run
-
-
-def _finish(output_dir: Path, result: dict[str, Any], start: float, ok: bool) -> None:
-    loggers.finish_wandb(ok)
-    result["status"] = COMPLETED if ok else FAILED
-    result["wall_time_s"] = round(time.monotonic() - start, 3)
-    hydra = HydraConfig.get() if HydraConfig.initialized() else None
-    if hydra is not None:
-        result["overrides"] = list(hydra.overrides.task)
-        if hydra.mode == RunMode.MULTIRUN:
-            result["job"] = hydra.job.num
-    result["output_dir"] = str(output_dir)
-    if rank_zero_only.rank == 0:
-        write_result(output_dir, result)
-
-
-def write_result(output_dir: Path, result: dict[str, Any]) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    clean = {
-        k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.items()
-    }
-    (output_dir / RESULT_FILE).write_text(json.dumps(clean, indent=2) + "\n")
-
-
-def read_result(folder: Path) -> dict[str, Any] | None:
-    path = folder / RESULT_FILE
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    for key in ("best_val_ppl", "test_ppl"):
-        if result.get(key) is None:
-            result[key] = math.nan
-    return result
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _describe(error: BaseException) -> str:
-    user_error = find_user_error(error)
-    text = str(user_error) if user_error is not None else f"{type(error).__name__}: {error}"
-    first_line = next((line for line in text.splitlines() if line.strip()), text)
-    return first_line.strip()[:500]
 
 
 # -- the summary of a sweep ---------------------------------------------------
@@ -251,7 +138,7 @@ def seed_groups(rows: list[dict[str, Any]], swept: list[str]) -> list[dict[str, 
             "completed": f"{len(done)}/{len(members)}",
         }
         for metric in ("best_val_ppl", "test_ppl"):
-            numbers = [r[metric] for r in done if _finite(r.get(metric))]
+            numbers = [r[metric] for r in done if is_number(r.get(metric))]
             entry[f"{metric}_mean"] = statistics.fmean(numbers) if numbers else math.nan
             entry[f"{metric}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else math.nan
         table.append(entry)
@@ -280,7 +167,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]], swept: list[str])
                 + [row.get("error") or "", row.get("output_dir", "")]
             )
 
-    done = [r for r in rows if r["status"] == COMPLETED and _finite(r.get("best_val_ppl"))]
+    done = [r for r in rows if r["status"] == COMPLETED and is_number(r.get("best_val_ppl"))]
     lines = [f"# Sweep {sweep_dir}", ""]
     lines.append(
         f"{len(rows)} jobs: {len(done)} completed, {len(rows) - len(done)} failed. "
@@ -361,7 +248,7 @@ def plot_summary(path: Path, rows: list[dict[str, Any]], swept: list[str]) -> No
 
     keys = swept or ["job"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-    finite = [r["best_val_ppl"] for r in rows if _finite(r.get("best_val_ppl"))]
+    finite = [r["best_val_ppl"] for r in rows if is_number(r.get("best_val_ppl"))]
     fail_y = max(finite) * 1.05 if finite else 1.0
     for ax, key in zip(axes[0], keys, strict=True):
         raw = [r["job"] if key == "job" else r["params"].get(key) for r in rows]
@@ -384,9 +271,9 @@ def plot_summary(path: Path, rows: list[dict[str, Any]], swept: list[str]) -> No
         ok = [
             (x, r["best_val_ppl"])
             for x, r in zip(xs, rows, strict=True)
-            if _finite(r.get("best_val_ppl"))
+            if is_number(r.get("best_val_ppl"))
         ]
-        bad = [x for x, r in zip(xs, rows, strict=True) if not _finite(r.get("best_val_ppl"))]
+        bad = [x for x, r in zip(xs, rows, strict=True) if not is_number(r.get("best_val_ppl"))]
         if ok:
             ax.scatter(*zip(*ok, strict=True), color="tab:blue", label="completed")
         if bad:

@@ -7,13 +7,15 @@ Hydra app (see `lmlab.cli`). See README.md.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lmlab.callbacks import ModelFiles
+from lmlab.callbacks import ModelFiles, find_callback
+from lmlab.checkpoint import checkpoint_metadata
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.distributed import SameConfigOnAllRanks
 from lmlab.failsafe import (
@@ -24,8 +26,10 @@ from lmlab.failsafe import (
 )
 from lmlab.lit_module import LanguageModel
 from lmlab.loggers import log_config
-from lmlab.summary import RunSummary
-from lmlab.sweep import record_result
+from lmlab.recorder import RunRecorder
+from lmlab.result import record_result
+from lmlab.samples import SampleText
+from lmlab.summary import SUMMARY_FILE, RunSummary
 
 
 @record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
@@ -53,7 +57,7 @@ def main(cfg: DictConfig) -> dict:
             *instantiate_each(cfg.get("callbacks")),
             *run_callbacks(),
             SameConfigOnAllRanks(cfg),
-            ModelFiles(output_dir / "checkpoints", vocab, model_config.to_dict()),
+            ModelFiles(output_dir / "checkpoints", checkpoint_metadata(model_config, vocab.words)),
         ],
         logger=instantiate_each(cfg.get("logger")) or False,
         plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
@@ -77,8 +81,8 @@ def main(cfg: DictConfig) -> dict:
         else None
     )
     if trainer.is_global_zero:
-        summary = RunSummary.collect(trainer, output_dir, test_ppl=test_ppl)
-        summary.write(output_dir / "summary.json")
+        summary = summarize(trainer, output_dir, test_ppl)
+        summary.write(output_dir / SUMMARY_FILE)
         summary.print()
     return {
         "best_val_ppl": best_ppl,
@@ -86,3 +90,36 @@ def main(cfg: DictConfig) -> dict:
         "steps": trainer.global_step,
         "best_checkpoint": best_path,
     }
+
+
+def summarize(trainer: L.Trainer, output_dir: Path, test_ppl: float) -> RunSummary:
+    """The run's summary from what its trainer, checkpoint callback and record measured."""
+    checkpoint = trainer.checkpoint_callback
+    recorder = find_callback(trainer, RunRecorder)
+    sampler = find_callback(trainer, SampleText)
+    figures = {}
+    if recorder is not None:
+        figures = {
+            "tokens_seen": recorder.tokens_seen,
+            "train_time_s": recorder.train_time_s,
+            "wall_time_s": None
+            if recorder.fit_started is None
+            else time.perf_counter() - recorder.fit_started,
+            "record_dir": recorder.dirpath,
+            "curves": recorder.plot_path,
+        }
+    if sampler is not None:
+        figures["samples"] = sampler.samples_path
+        if sampler.prompts:
+            figures["prompt"] = sampler.prompts[0]
+    return RunSummary.collect(
+        output_dir,
+        steps=trainer.global_step,
+        epochs=trainer.current_epoch,
+        test_ppl=test_ppl,
+        model=trainer.lightning_module.model,
+        best_val_ppl=getattr(checkpoint, "best_model_score", None),
+        best_checkpoint=getattr(checkpoint, "best_model_path", None),
+        last_checkpoint=getattr(checkpoint, "last_model_path", None),
+        **figures,
+    )
