@@ -2,7 +2,7 @@
 side by side with a plain PyTorch loop of the same model, in the same run.
 
     python benchmarks/train_speed.py              # every variant, median of 3 rounds
-    python benchmarks/train_speed.py --quick      # a smoke run of a few seconds
+    python benchmarks/train_speed.py --quick --no-compile --no-bf16   # a smoke run
 
 Model FLOP utilisation (MFU) is the model's FLOPs per second (6 x weights used per token,
 plus attention) over a matmul peak that this script measures itself, for the same dtype, in
@@ -199,9 +199,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="skip the bf16 rows (slow where the CPU lacks bf16)"
+    )
     args = parser.parse_args()
     warmup, steps, rounds = (3, 5, 1) if args.quick else (8, args.steps, args.rounds)
-    variants = [v for v in VARIANTS if not (args.no_compile and v.compile)]
+    variants = [
+        v
+        for v in VARIANTS
+        if not (args.no_compile and v.compile) and not (args.no_bf16 and v.matmul_dtype == "bf16")
+    ]
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(logger).setLevel(logging.ERROR)

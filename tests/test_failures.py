@@ -53,6 +53,9 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     (run / "checkpoints" / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short")
     empty_run = tmp / "empty_run"
     shutil.copytree(run / ".hydra", empty_run / ".hydra")
+    corrupt_run = tmp / "corrupt_run"
+    write_stored_run(corrupt_run, "x", "checkpoints", global_step=3)
+    (corrupt_run / ".hydra" / "config.yaml").write_text("paths: [output_dir: x\n")
 
     return {
         "<corpus>": str(corpus),
@@ -60,6 +63,7 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "<file>": str(plain_file),
         "<run>": str(run),
         "<empty_run>": str(empty_run),
+        "<corrupt_run>": str(corrupt_run),
         "<train_md5>": file_digest(corpus / "ptb.train.txt"),
         "<truncated_md5>": file_digest(corpus / "truncated.txt"),
     }

@@ -66,16 +66,18 @@ def test_training_validation_and_test_share_one_loss_path():
     module = LanguageModel(config, words, optimizer=torch.optim.AdamW).eval()
     calls = []
     model_step = module.model_step
-    module.model_step = lambda batch: calls.append(len(batch)) or model_step(batch)
+    module.model_step = lambda batch, reduction="sum": (
+        calls.append(reduction) or model_step(batch, reduction)
+    )
     module.trainer = L.Trainer(logger=False, enable_progress_bar=False)  # for log_every_n_steps
     batch = _batches(config.vocab_size)[2]
     with torch.no_grad():
         loss = module.training_step(batch, 0)
         module.validation_step(batch, 0)
         module.test_step(batch, 0)
-    assert calls == [2, 2, 2]
+    assert calls == ["mean", "sum", "sum"]
     nll, count = model_step(batch)
-    assert torch.equal(loss, nll / count)
+    torch.testing.assert_close(loss, nll / count, rtol=1e-6, atol=0)
     assert torch.equal(module.val_ppl.nll, module.test_ppl.nll)
 
 

@@ -40,7 +40,7 @@ pytestmark = [
 ]
 
 
-def tiny_training(tmp: Path, name: str, multirun: bool) -> list[str]:
+def tiny_training(tmp: Path, name: str, multirun: bool, cache: Path) -> list[str]:
     folder = ("hydra.sweep.dir=" if multirun else "hydra.run.dir=") + str(tmp / name)
     return [
         "model.n_layer=1",
@@ -56,13 +56,15 @@ def tiny_training(tmp: Path, name: str, multirun: bool) -> list[str]:
         "trainer.limit_test_batches=1",
         "trainer.enable_progress_bar=false",
         "callbacks.samples.max_new_tokens=2",
-        f"data.cache_dir={tmp / 'cache'}",
+        f"data.cache_dir={cache}",  # PTB is encoded once for every command, as for a user
         f"paths.log_dir={tmp / 'outputs'}",
         folder,
     ]
 
 
-def as_run(command: str, tmp: Path, name: str, ckpt: Path | None) -> tuple[str, list[str]]:
+def as_run(
+    command: str, tmp: Path, name: str, ckpt: Path | None, cache: Path
+) -> tuple[str, list[str]]:
     """(program, arguments): the README's command with paths and tiny settings filled in."""
     words = shlex.split(command, comments=True)
     program, args = (words[1], words[2:]) if words[0] == "python" else (words[0], words[1:])
@@ -70,12 +72,12 @@ def as_run(command: str, tmp: Path, name: str, ckpt: Path | None) -> tuple[str, 
     if program in ("train.py", "lmlab-train"):
         if not any(a.startswith("data.data_dir=") for a in args):
             args.append(f"data.data_dir={PTB}")  # the README's first command downloads it
-        args += tiny_training(tmp, name, multirun="-m" in args)
+        args += tiny_training(tmp, name, multirun="-m" in args, cache=cache)
     elif program in ("generate.py", "lmlab-generate"):
         args.append("max_new_tokens=3")
     elif program == "eval.py":
         args += [
-            f"data.cache_dir={tmp / 'cache'}",
+            f"data.cache_dir={cache}",
             "bleu.num_sentences=2",
             f"output={tmp / name}.json",
         ]
@@ -94,9 +96,15 @@ def servers(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, servers) -> Path:
+def ptb_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ptb_cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, servers, ptb_cache) -> Path:
     tmp = tmp_path_factory.mktemp("ckpt")
-    result = servers["train.py"].run(f"data.data_dir={PTB}", *tiny_training(tmp, "run", False))
+    args = tiny_training(tmp, "run", False, cache=ptb_cache)
+    result = servers["train.py"].run(f"data.data_dir={PTB}", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run" / "checkpoints" / "best.ckpt"
 
@@ -109,8 +117,8 @@ def test_readme_has_runnable_commands_for_every_entry_point():
 
 
 @pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[c[:70] for c in COMMANDS])
-def test_readme_command_runs(index, tmp_path, servers, tiny_ckpt):
-    program, args = as_run(COMMANDS[index], tmp_path, f"cmd{index}", tiny_ckpt)
+def test_readme_command_runs(index, tmp_path, servers, tiny_ckpt, ptb_cache):
+    program, args = as_run(COMMANDS[index], tmp_path, f"cmd{index}", tiny_ckpt, ptb_cache)
     if program in servers and "trainer.devices=2" not in args:
         result = servers[program].run(*args)
     else:  # console scripts, and DDP (which starts processes of its own), as real processes

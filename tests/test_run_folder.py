@@ -89,6 +89,7 @@ def test_a_stale_lock_is_reported_and_taken_over_by_exactly_one_process(
 # -- end to end ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_new_run_into_a_used_folder_is_refused_and_touches_nothing(
     trained_run: Path, corpus_dir: Path, cache_dir: Path
 ) -> None:
@@ -163,3 +164,19 @@ def test_two_runs_started_together_with_a_clock_named_folder_get_two_folders(
         assert not (folder / LOCK_FILE).exists()  # released at the end
         hydra = (folder / ".hydra" / "hydra.yaml").read_text()
         assert f"output_dir: {folder}" in hydra
+
+
+def test_a_grid_sweep_into_an_earlier_sweeps_folder_is_refused(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / "result.json").write_text("{}")
+    overrides = [o for o in tiny_overrides(corpus_dir, cache_dir, tmp_path) if "hydra." not in o]
+    result = run_entry_point("train.py", "-m", *overrides, f"hydra.sweep.dir={sweep}", "seed=1,2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: sweep folder {sweep} already holds jobs of an earlier sweep (0); give this "
+        "sweep another hydra.sweep.dir"
+    ]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0"]

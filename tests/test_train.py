@@ -31,7 +31,10 @@ def test_run_writes_safe_self_describing_checkpoints(tiny_run):
         assert meta["vocab"][:2] == ["<eos>", "<unk>"]
         assert meta["model_config"]["vocab_size"] == len(meta["vocab"])
         assert any(k.startswith("model.token_embedding") for k in checkpoint["state_dict"])
-    assert (run_dir / "checkpoints" / "vocab.json").is_file()
+    # the readable copies beside the checkpoints are the checkpoint's own metadata
+    assert (
+        json.loads((run_dir / "checkpoints" / "vocab.json").read_text())["words"] == meta["vocab"]
+    )
     assert (
         json.loads((run_dir / "checkpoints" / "model_config.json").read_text())
         == (meta["model_config"])
