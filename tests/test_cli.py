@@ -48,6 +48,11 @@ def test_console_script_trains_from_any_folder(console_run):
     assert sorted(p.name for p in run_dir.iterdir()) == RUN_FOLDER
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]
     assert "Run summary" in result.stdout
+    # Lightning's lines print once, through Hydra's logging (and into train.log), not twice
+    console = result.stdout + result.stderr
+    assert console.count("Seed set to 1234") == 1
+    assert console.count("GPU available:") == 1
+    assert "Seed set to 1234" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.slow
