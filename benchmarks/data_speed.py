@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from lmlab.data import LMDataModule
-from lmlab.model import PRESETS, TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "ptb.yaml"
 
@@ -68,9 +68,7 @@ def main() -> None:
             batches += 1
         loader_rate = batches / (time.perf_counter() - start)
 
-        model = TransformerLM(
-            TransformerConfig(vocab_size=len(dm.vocab), block_size=64, **PRESETS["small"])
-        )
+        model = GPTLM(GPTConfig(vocab_size=len(dm.vocab), block_size=64, **PRESETS["small"]))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         steps = []
         for i, (inputs, targets) in enumerate(loader):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lmlab.decoding import beam_search, generate
-from lmlab.model import PRESETS, TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 
 VOCAB_SIZE = 10_000
 BLOCK_SIZE = 512  # room for the prompt plus 256 new tokens, so no window shift is timed
@@ -47,7 +47,7 @@ def median_seconds(run: Callable[[int], object], new_tokens: int, repeats: int) 
 
 
 def lmlab_run(
-    model: TransformerLM, case: Case, prompt: torch.Tensor, use_cache: bool
+    model: GPTLM, case: Case, prompt: torch.Tensor, use_cache: bool
 ) -> Callable[[int], object]:
     if case.method == "beam4":
         return lambda n: beam_search(model, prompt, n, num_beams=4, use_cache=use_cache)
@@ -113,10 +113,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    config = TransformerConfig(
-        **{**PRESETS["small"], "vocab_size": VOCAB_SIZE, "block_size": BLOCK_SIZE}
-    )
-    model = TransformerLM(config).eval()
+    config = GPTConfig(**{**PRESETS["small"], "vocab_size": VOCAB_SIZE, "block_size": BLOCK_SIZE})
+    model = GPTLM(config).eval()
     reference = None if args.no_hf else hf_model()
     cases = [Case(method, b) for method in ("greedy", "sample", "beam4") for b in (1, 8)]
 

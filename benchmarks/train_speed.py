@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
-from lmlab.model import PRESETS, TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 
 VOCAB_SIZE = 10_000
 SEQ_LEN = 64
@@ -57,11 +57,11 @@ class Variant:
         return "bf16" if self.precision == "bf16-mixed" else "fp32"
 
 
-def model_config() -> TransformerConfig:
-    return TransformerConfig(vocab_size=VOCAB_SIZE, block_size=SEQ_LEN, **PRESETS["small"])
+def model_config() -> GPTConfig:
+    return GPTConfig(vocab_size=VOCAB_SIZE, block_size=SEQ_LEN, **PRESETS["small"])
 
 
-def flops_per_token(config: TransformerConfig) -> float:
+def flops_per_token(config: GPTConfig) -> float:
     """Forward + backward FLOPs of one token: 6 per weight it meets, plus attention scores."""
     per_layer = 12 * config.n_embd**2  # qkv (3), proj (1), MLP (8 = 2 x 4)
     weights = config.n_layer * per_layer + config.n_embd * config.vocab_size  # + output layer
@@ -104,7 +104,7 @@ def tokens_per_second(step_starts: list[float]) -> float:
 def plain_loop(variant: Variant, warmup: int, steps: int) -> float:
     """Tokens/s of a bare loop: forward, loss, backward, clip, AdamW step."""
     torch.manual_seed(0)
-    model = TransformerLM(model_config()).train()
+    model = GPTLM(model_config()).train()
     if variant.compile:
         model.compile()
     optimizer = optimizer_factory(variant.fused)(model.parameters())

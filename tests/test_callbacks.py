@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lmlab.callbacks import ParameterSummary, ProgressBar
 from lmlab.config import instantiate_each
 from lmlab.lit_module import LanguageModel
-from lmlab.model import TransformerConfig
+from lmlab.models.gpt import GPTConfig
 from lmlab.record import load_curves
 from lmlab.recorder import RunRecorder
 from lmlab.samples import SampleText
@@ -49,7 +49,7 @@ def checkpoint_best_score(path: Path) -> float:
 
 def tiny_module(dropout: float = 0.0) -> LanguageModel:
     torch.manual_seed(0)
-    config = TransformerConfig(
+    config = GPTConfig(
         vocab_size=len(WORDS), block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=dropout
     )
     return LanguageModel(config, WORDS, optimizer=torch.optim.AdamW)

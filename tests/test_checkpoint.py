@@ -10,7 +10,7 @@ import torch
 
 from lmlab.checkpoint import export, load_model, main, read_checkpoint
 from lmlab.errors import UserError
-from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, GPTConfig
 from lmlab.vocab import Vocabulary
 
 from conftest import run_entry_point, serve_folder
@@ -19,15 +19,15 @@ VOCAB = ["<eos>", "<unk>", "the", "company", "said", *(f"w{i}" for i in range(11
 REFUSED = "holds pickled code or objects"
 
 
-def tiny_model(seed: int = 0) -> TransformerLM:
+def tiny_model(seed: int = 0) -> GPTLM:
     torch.manual_seed(seed)
-    config = TransformerConfig(
+    config = GPTConfig(
         vocab_size=len(VOCAB), block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0
     )
-    return TransformerLM(config).eval()
+    return GPTLM(config).eval()
 
 
-def lmlab_checkpoint(model: TransformerLM, **extra: object) -> dict:
+def lmlab_checkpoint(model: GPTLM, **extra: object) -> dict:
     """What train.py writes, minus the Trainer's state."""
     return {
         "epoch": 0,

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.errors import UserError
 from lmlab.lit_module import LanguageModel
-from lmlab.model import PRESETS, TransformerConfig
+from lmlab.models import PRESETS, preset
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -44,7 +44,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, corpus_dir):
 @pytest.mark.parametrize(
     "group, options",
     [
-        ("model", ["tiny", "small", "medium", "large"]),
+        ("model", sorted(PRESETS)),  # gpt, llama and lstm sizes: every conf/model file
         ("optimizer", ["adamw", "sgd"]),
         ("scheduler", ["cosine", "constant"]),
         ("trainer", ["default", "cpu", "gpu"]),
@@ -55,6 +55,9 @@ def test_every_group_option_composes(group, options, tmp_path):
     for option in options:
         cfg = compose_train([f"{group}={option}"], tmp_path)
         check_train_config(cfg)
+        if group == "model":  # and the network of each family builds from it
+            words = ["<eos>", "<unk>", "a", "b"]
+            LanguageModel(instantiate(cfg.model, vocab_size=4), words, instantiate(cfg.optimizer))
 
 
 def test_logger_none_gives_no_logger(tmp_path):
@@ -87,4 +90,9 @@ def test_out_of_range_values_are_refused_with_one_line(override, message, tmp_pa
 def test_model_config_files_equal_the_presets_the_benchmarks_use(name, tmp_path):
     cfg = compose_train([f"model={name}"], tmp_path)
     from_file = instantiate(cfg.model, vocab_size=100, block_size=64)
-    assert from_file == TransformerConfig(vocab_size=100, block_size=64, **PRESETS[name])
+    assert from_file == preset(name, vocab_size=100, block_size=64)
+
+
+def test_every_model_file_is_a_preset():
+    names = {p.stem for p in (CONF / "model").glob("*.yaml")}
+    assert names == set(PRESETS)

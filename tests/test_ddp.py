@@ -50,9 +50,9 @@ def test_weight_decay_groups_survive_fsdp_flattening() -> None:
     import torch
 
     from lmlab.lit_module import LanguageModel
-    from lmlab.model import TransformerConfig
+    from lmlab.models.gpt import GPTConfig
 
-    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
     module = LanguageModel(
         config, [f"w{i}" for i in range(50)], functools.partial(torch.optim.AdamW, lr=1e-3)
     )

@@ -16,7 +16,8 @@ from lmlab.decoding import (
     top_k_filter,
     top_p_filter,
 )
-from lmlab.model import KVCache, TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, GPTConfig
+from lmlab.models.kv_cache import KVCache
 
 NEG_INF = float("-inf")
 
@@ -41,12 +42,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> TransformerLM:
+def tiny_model() -> GPTLM:
     torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0
-    )
-    return TransformerLM(config)
+    config = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return GPTLM(config)
 
 
 class Recorder(nn.Module):
@@ -56,11 +55,13 @@ class Recorder(nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.max_context = model.max_context
+        self.new_state = model.new_state
         self.logits: list[Tensor] = []
         self.inputs: list[Tensor] = []
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        logits = self.model(idx, cache)
+    def forward(self, idx: Tensor, state: KVCache | None = None) -> Tensor:
+        logits = self.model(idx, state=state)
         self.inputs.append(idx.clone())
         self.logits.append(logits[:, -1].clone())
         return logits
@@ -69,20 +70,23 @@ class Recorder(nn.Module):
 class TableLM(nn.Module):
     """Next-token log-probabilities looked up from the last token: a bigram model.
 
-    Same interface as `TransformerLM`, including advancing the cache.
+    The models' interface (`lmlab.models.interface`), its state a KV cache it only advances.
     """
+
+    max_context = 16
 
     def __init__(self, probs: list[list[float]]) -> None:
         super().__init__()
         vocab = len(probs)
-        self.config = TransformerConfig(
-            vocab_size=vocab, block_size=16, n_layer=1, n_head=1, n_embd=4
-        )
+        self.config = GPTConfig(vocab_size=vocab, block_size=16, n_layer=1, n_head=1, n_embd=4)
         self.register_buffer("table", torch.tensor(probs).log())
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        if cache is not None:
-            cache.length += idx.size(1)
+    def new_state(self, batch_size, max_len=None, device=None, dtype=None) -> KVCache:
+        return KVCache(1, batch_size, 1, 1, max_len or 16, device=device)
+
+    def forward(self, idx: Tensor, state: KVCache | None = None) -> Tensor:
+        if state is not None:
+            state.advance(idx.size(1))
         return self.table[idx]  # (B, T, V)
 
 

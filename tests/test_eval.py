@@ -22,7 +22,8 @@ from lmlab.evaluation import (
     read_text,
 )
 from lmlab.generation import Decoding
-from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, GPTConfig
+from lmlab.models.kv_cache import KVCache
 from lmlab.vocab import Vocabulary
 
 from conftest import ROOT, run_entry_point, tiny_overrides
@@ -30,12 +31,12 @@ from conftest import ROOT, run_entry_point, tiny_overrides
 VOCAB = Vocabulary(["<eos>", "<unk>", *(f"w{i}" for i in range(14))])
 
 
-def tiny_model(seed: int = 0, block_size: int = 8) -> TransformerLM:
+def tiny_model(seed: int = 0, block_size: int = 8) -> GPTLM:
     torch.manual_seed(seed)
-    config = TransformerConfig(
+    config = GPTConfig(
         vocab_size=len(VOCAB), block_size=block_size, n_layer=1, n_head=2, n_embd=16, dropout=0.0
     )
-    return TransformerLM(config).eval()
+    return GPTLM(config).eval()
 
 
 def random_tokens(n: int, seed: int = 0) -> torch.Tensor:
@@ -64,7 +65,7 @@ def test_blocks_measure_what_training_validation_measures():
     assert result["ppl"] == pytest.approx(float(metric.compute()), rel=1e-5)
 
 
-def reference_sliding(model: TransformerLM, tokens: torch.Tensor, seq_len: int, stride: int):
+def reference_sliding(model: GPTLM, tokens: torch.Tensor, seq_len: int, stride: int):
     """Token by token: each target's context is its window's start up to itself."""
     stream = torch.cat([torch.tensor([0]), tokens])
     total, scored, begin = 0.0, 0, 0
@@ -98,14 +99,17 @@ class NextWord(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = TransformerConfig(
-            vocab_size=len(VOCAB), block_size=16, n_layer=1, n_head=1, n_embd=4
-        )
+        self.config = GPTConfig(vocab_size=len(VOCAB), block_size=16, n_layer=1, n_head=1, n_embd=4)
         self.zero = nn.Parameter(torch.zeros(()))
 
-    def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        if cache is not None:
-            cache.length += idx.size(1)
+    max_context = 16
+
+    def new_state(self, batch_size, max_len=None, device=None, dtype=None) -> KVCache:
+        return KVCache(1, batch_size, 1, 1, max_len or 16, device=device)
+
+    def forward(self, idx: torch.Tensor, state=None) -> torch.Tensor:
+        if state is not None:
+            state.advance(idx.size(1))
         return 10.0 * F.one_hot((idx + 1) % len(VOCAB), len(VOCAB)).float() + self.zero
 
 
@@ -161,11 +165,11 @@ def test_bad_values_are_refused(overrides, message):
 
 
 def test_windows_must_fit_the_model():
-    assert check_window(None, None, block_size=16) == 16
+    assert check_window(None, None, block_size=16, limit=16) == 16
     with pytest.raises(UserError, match=r"seq_len=32 exceeds the model's block_size of 16"):
-        check_window(32, None, block_size=16)
+        check_window(32, None, block_size=16, limit=16)
     with pytest.raises(UserError, match=r"stride=9 exceeds seq_len=8"):
-        check_window(8, 9, block_size=16)
+        check_window(8, 9, block_size=16, limit=16)
 
 
 def test_text_comes_from_a_split_or_any_file(corpus_dir, cache_dir, tmp_path):

@@ -90,7 +90,10 @@ def train_checks(overrides: list[str], places: dict[str, str], cache: Path) -> N
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*merged, *overrides])
     check_train_config(cfg)
-    instantiate(cfg.data).prepare_data()
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.train_dataloader()  # what fit() builds first
     prepare_checkpoint_dirs(instantiate_each(cfg.callbacks))
 
 

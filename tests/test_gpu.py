@@ -17,7 +17,8 @@ from lmlab.decoding import beam_search, generate
 from lmlab.errors import UserError
 from lmlab.failsafe import NonFiniteGuard
 from lmlab.loss import linear_cross_entropy
-from lmlab.model import Dropout, TransformerConfig, TransformerLM
+from lmlab.models.dropout import Dropout
+from lmlab.models.gpt import GPTLM, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -49,8 +50,8 @@ def test_dropout_on_the_gpu_keeps_the_mean_and_drops_p() -> None:
 
 def test_decoding_on_the_gpu_equals_the_cpu() -> None:
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    model = TransformerLM(config).eval()
+    config = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    model = GPTLM(config).eval()
     prompt = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
     on_cpu = generate(model, prompt, 20, temperature=0.0)
     on_gpu = generate(model.to(CUDA), prompt.to(CUDA), 20, temperature=0.0)
@@ -80,7 +81,7 @@ def test_a_bf16_training_step_runs_on_the_gpu(tmp_path) -> None:
     from lmlab.lit_module import LanguageModel
 
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
     words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(62)]
     module = LanguageModel(config, words, optimizer=torch.optim.AdamW)
     tokens = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from lmlab.data import IGNORE_INDEX
 from lmlab.lit_module import LanguageModel
 from lmlab.metrics import Perplexity
-from lmlab.model import TransformerConfig
+from lmlab.models.gpt import GPTConfig
 
 
 def _batches(vocab_size: int, seq_len: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,7 +43,7 @@ def test_perplexity_is_exp_of_mean_nll_over_real_targets_across_batches():
 
 def test_validation_through_the_fused_loss_equals_the_full_logits_perplexity():
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=32)
     words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(48)]
     module = LanguageModel(config, words, optimizer=torch.optim.AdamW).eval()
     batches = _batches(config.vocab_size)
@@ -61,13 +61,13 @@ def test_validation_through_the_fused_loss_equals_the_full_logits_perplexity():
 
 def test_training_validation_and_test_share_one_loss_path():
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
     words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(48)]
     module = LanguageModel(config, words, optimizer=torch.optim.AdamW).eval()
     calls = []
     model_step = module.model_step
-    module.model_step = lambda batch, reduction="sum": (
-        calls.append(reduction) or model_step(batch, reduction)
+    module.model_step = lambda batch, reduction="sum", stage="val": (
+        calls.append((reduction, stage)) or model_step(batch, reduction, stage)
     )
     module.trainer = L.Trainer(logger=False, enable_progress_bar=False)  # for log_every_n_steps
     batch = _batches(config.vocab_size)[2]
@@ -75,7 +75,7 @@ def test_training_validation_and_test_share_one_loss_path():
         loss = module.training_step(batch, 0)
         module.validation_step(batch, 0)
         module.test_step(batch, 0)
-    assert calls == ["mean", "sum", "sum"]
+    assert calls == [("mean", "train"), ("sum", "val"), ("sum", "test")]
     nll, count = model_step(batch)
     torch.testing.assert_close(loss, nll / count, rtol=1e-6, atol=0)
     assert torch.equal(module.val_ppl.nll, module.test_ppl.nll)
@@ -98,7 +98,7 @@ def test_gradients_are_clipped_before_a_fused_adamw_step(precision: str):
     # Lightning itself refuses to clip for a fused optimizer under any mixed precision.
     torch.manual_seed(0)
     words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(30)]
-    config = TransformerConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    config = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16)
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
     module = LanguageModel(config, words, optimizer=optimizer)
     norms: list[float] = []

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import lmlab.loss
 from lmlab.loss import exp_logits_and_nll, linear_cross_entropy
-from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.models.gpt import GPTLM, GPTConfig
 
 
 def problem(n: int, dtype: torch.dtype, seed: int = 0):
@@ -92,8 +92,8 @@ def test_shapes_are_checked():
 
 def test_model_loss_equals_cross_entropy_of_its_logits_with_the_tied_weight():
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    model = TransformerLM(config).double().eval()
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    model = GPTLM(config).double().eval()
     idx = torch.randint(0, 50, (3, 8))
     targets = torch.randint(0, 50, (3, 8))
     targets[2, 5:] = -100

@@ -16,7 +16,7 @@ from forkserver import ForkServer
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
 from lmlab.resume import resume_argv, rng_state, set_rng_state
 
-from conftest import tiny_overrides, write_stored_run
+from conftest import run_entry_point, tiny_overrides, write_stored_run
 
 
 def _loader(num_blocks: int = 40, batch_size: int = 4) -> BatchLoader:
@@ -212,3 +212,79 @@ def test_resume_argv_rewrites_to_the_stored_run(tmp_path: Path) -> None:
     # a checkpoint names its run folder too
     argv = resume_argv(["train.py", f"resume={run / 'ckpts' / 'last.ckpt'}"])
     assert argv[2] == str(run / ".hydra")
+
+
+FAMILY_RUNS = {
+    # dropout, attention dropout: their masks must continue exactly
+    "llama": ["model=llama_tiny", "model.dropout=0.1", "model.attn_dropout=0.1"],
+    # the contiguous order: the LSTM's carried state must continue exactly too
+    "lstm": [
+        "model=lstm_tiny",
+        "data.order=contiguous",
+        "model.dropout=0.1",
+        "model.dropout_embedding=0.1",
+        "model.weight_drop=0.2",
+    ],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
+def test_every_family_resumes_bit_identically_and_decodes_from_its_checkpoint(
+    family: str, corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    server = ForkServer("train.py", tmp_path)
+    base = [
+        *(o for o in tiny_overrides(corpus_dir, cache_dir, tmp_path) if "hydra.run.dir" not in o),
+        *FAMILY_RUNS[family],
+        "logger=csv",
+        "test=false",
+        "callbacks.periodic_checkpoint.every_n_train_steps=7",
+    ]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    done = server.run(*base, *record_overrides(tmp_path / "a.txt"), f"hydra.run.dir={straight}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # killed after step 9: the step-7 checkpoint is the last; steps 8 and 9 are replayed
+    killed = server.run(
+        *base,
+        *record_overrides(tmp_path / "b.txt"),
+        *fault_overrides("sigkill", 9),
+        f"hydra.run.dir={stopped}",
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = server.run(f"resume={stopped}", *fault_overrides(None))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    server.close()
+
+    expected, got = _records(tmp_path / "a.txt"), _records(tmp_path / "b.txt")
+    assert got == expected and len(expected) > 20  # every loss and val/ppl, bit for bit
+    a = _load(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    b = _load(stopped / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    best = stopped / "checkpoints" / "best.ckpt"
+    generated = run_entry_point(
+        "generate.py", f"ckpt={best}", "prompt=the company", "top_k=5", "stop_at_eos=false"
+    )
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr[-2000:]
+    order = "contiguous" if "data.order=contiguous" in base else "blocks"
+    report = tmp_path / "eval.json"
+    evaluated = run_entry_point(
+        "eval.py",
+        f"ckpt={best}",
+        "data=text",
+        f"data.data_dir={corpus_dir}",
+        "data.files.train=ptb.train.txt",
+        "data.files.valid=ptb.valid.txt",
+        "data.files.test=ptb.test.txt",
+        f"data.cache_dir={cache_dir}",
+        "split=valid",
+        f"order={order}",
+        "batch_size=64",  # data.eval_batch_size of the run: the same streams
+        "bleu.num_sentences=0",
+        f"output={report}",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    # eval.py reproduces the val/ppl training logged for that checkpoint
+    validations = [v for (kind, _), v in expected.items() if kind == "val"]
+    assert json.loads(report.read_text())["ppl"] == pytest.approx(min(validations), rel=1e-4)

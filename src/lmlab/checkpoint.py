@@ -2,7 +2,7 @@
 
 A checkpoint written by train.py is a Lightning checkpoint: the weights under
 `state_dict` (keys prefixed `model.`) and, under `lmlab`, the model config and
-the vocabulary as plain values. So `load_model` rebuilds `TransformerLM` from
+the vocabulary as plain values. So `load_model` rebuilds the model (any family) from
 the file alone: no Trainer, no dataset. `export` writes the same model as files
 any tool can read: `model.safetensors`, `config.json` (the model config) and
 `vocab.json`; `load_model` reads that folder too.
@@ -37,7 +37,7 @@ import torch
 from lmlab.atomic import write_atomically
 from lmlab.download import download, is_url
 from lmlab.errors import UserError, report_user_errors
-from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.models import ModelConfig, build_model, config_from_dict
 from lmlab.vocab import Vocabulary
 
 METADATA_KEY = "lmlab"  # checkpoint["lmlab"]: what a checkpoint says about itself
@@ -65,7 +65,7 @@ _REFUSED = "refusing to load it; only lmlab checkpoints of tensors and plain val
 # What a checkpoint says about itself.
 
 
-def checkpoint_metadata(model_config: TransformerConfig, vocab_words: Sequence[str]) -> dict:
+def checkpoint_metadata(model_config: ModelConfig, vocab_words: Sequence[str]) -> dict:
     """`checkpoint["lmlab"]`: the format, the model config and the vocabulary, as plain values.
 
     The one builder of this dict: `LanguageModel.on_save_checkpoint` stores it,
@@ -175,8 +175,8 @@ def _first_non_plain(obj: Any) -> str | None:
 
 def load_model(
     source: str | Path, device: torch.device | str = "cpu"
-) -> tuple[TransformerLM, Vocabulary]:
-    """`TransformerLM` (in eval mode, on `device`) and its `Vocabulary`.
+) -> tuple[torch.nn.Module, Vocabulary]:
+    """The model (in eval mode, on `device`), of whichever family it is, and its `Vocabulary`.
 
     `source` is a .ckpt file written by train.py, an http(s) URL of one, or a
     folder written by `export` (or the `model.safetensors` file inside it).
@@ -230,11 +230,11 @@ def _unpack(checkpoint: dict, name: str) -> tuple[dict, list, dict]:
     return meta.get("model_config"), meta.get("vocab"), weights
 
 
-def _build(config: Any, words: Any, name: str) -> tuple[TransformerLM, Vocabulary]:
+def _build(config: Any, words: Any, name: str) -> tuple[torch.nn.Module, Vocabulary]:
     if not isinstance(config, dict):
-        raise UserError(f"{name} has no model config (a dict of TransformerConfig arguments)")
+        raise UserError(f"{name} has no model config (a dict of the model's arguments)")
     try:
-        model_config = TransformerConfig(**config)
+        model_config = config_from_dict(config)
     except (TypeError, ValueError) as error:
         raise UserError(f"{name} has an invalid model config: {error}") from None
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
@@ -248,7 +248,7 @@ def _build(config: Any, words: Any, name: str) -> tuple[TransformerLM, Vocabular
             f"{name} has {len(vocab)} vocabulary words but a model config with "
             f"vocab_size={model_config.vocab_size}"
         )
-    return TransformerLM(model_config), vocab
+    return build_model(model_config), vocab
 
 
 def _brief(error: BaseException) -> str:
@@ -259,7 +259,7 @@ def _brief(error: BaseException) -> str:
 # Export: safetensors weights plus readable JSON.
 
 
-def export(model: TransformerLM, vocab: Vocabulary, folder: str | Path) -> Path:
+def export(model: torch.nn.Module, vocab: Vocabulary, folder: str | Path) -> Path:
     """Write `model.safetensors`, `config.json` and `vocab.json` into `folder`; return it."""
     out = Path(folder).expanduser()
     if out.exists() and not out.is_dir():
@@ -287,7 +287,7 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return unique
 
 
-def _load_export(folder: Path, name: str) -> tuple[TransformerLM, Vocabulary]:
+def _load_export(folder: Path, name: str) -> tuple[torch.nn.Module, Vocabulary]:
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE) if not (folder / f).is_file()]
     if missing:
         raise UserError(

@@ -6,12 +6,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.checks import is_int, is_number
 from lmlab.errors import UserError
-from lmlab.model import TransformerConfig
 
 
 def _in(
@@ -96,6 +95,19 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("model.attn_dropout", f"{NUMBER} or null", _or_null(is_number)),
     ("model.attn_dropout", "in [0, 1) or null", _or_null(_in(0, 1, high_open=True))),
     ("model.bias", "true or false", _is_bool),
+    ("model.n_kv_head", f"{POSITIVE} or null", _or_null(_int(1))),
+    ("model.n_hidden", POSITIVE, _int(1)),
+    *(
+        rule
+        for name in ("dropout_hidden", "dropout_input", "dropout_embedding", "weight_drop")
+        for rule in (
+            (f"model.{name}", NUMBER, is_number),
+            (f"model.{name}", "in [0, 1)", _in(0, 1, high_open=True)),
+        )
+    ),
+    ("model.tie_weights", "true or false", _is_bool),
+    ("model.tie_embeddings", "true or false", _is_bool),
+    ("data.order", "one of shuffled, contiguous", _one_of("shuffled", "contiguous")),
     ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
     ("scheduler.min_lr_ratio", NUMBER, is_number),
     ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
@@ -155,8 +167,10 @@ def check_train_config(cfg: DictConfig) -> None:
     # what single values cannot show: n_embd divisible by n_head, and the like
     model_args = {k: v for k, v in cfg.model.items() if k != "_target_"}
     try:
-        TransformerConfig(**model_args)
-    except (TypeError, ValueError) as error:
+        get_class(cfg.model._target_)(**model_args)
+    except TypeError as error:  # an argument the family does not have
+        raise UserError(f"model: {error}".replace("__init__() ", "")) from None
+    except ValueError as error:
         raise UserError(str(error)) from None
 
 

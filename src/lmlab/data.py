@@ -23,11 +23,13 @@ from lmlab.atomic import write_atomically
 from lmlab.checks import is_int, is_positive_int
 from lmlab.download import download, file_digest
 from lmlab.errors import UserError
+from lmlab.loss import IGNORE_INDEX  # the target of padding positions; cross-entropy skips them
 from lmlab.progress import status
+from lmlab.streams import StreamWindows, WindowOrder
 from lmlab.vocab import Vocabulary, tokenize
 
 SPLITS = ("train", "valid", "test")
-IGNORE_INDEX = -100  # target value of padding positions; cross-entropy skips them
+ORDERS = ("shuffled", "contiguous")
 CACHE_FORMAT = 1  # bump when the cached files change meaning
 
 
@@ -178,6 +180,9 @@ class LMDataModule(L.LightningDataModule):
         cache_dir: where encoded splits are cached (default: ~/.cache/lmlab).
         seed: seeds the per-epoch shuffling of training blocks.
         num_workers: DataLoader worker processes (batches are slices: 0 is fastest).
+        order: `shuffled` (blocks of `seq_len` tokens in a seeded random order each
+            epoch) or `contiguous` (`batch_size` parallel streams read in consecutive
+            windows, so a recurrent model's state carries over; see lmlab.streams).
     """
 
     def __init__(
@@ -192,8 +197,12 @@ class LMDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        order: str = "shuffled",
     ) -> None:
         super().__init__()
+        if order not in ORDERS:
+            raise UserError(f"data.order must be one of {', '.join(ORDERS)}, got {order!r}")
+        self.order = order
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if not is_positive_int(value):
                 raise UserError(f"data.{name} must be a positive integer, got {value!r}")
@@ -336,6 +345,8 @@ class LMDataModule(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if self.order == "contiguous":
+            return self._stream_loader(split, train=shuffle, batch_size=batch_size)
         blocks = TokenBlocks(self.tokens[split], self.seq_len, pad_last=not shuffle)
         rank, world_size = self._rank_and_world()
         sampler = BlockBatches(len(blocks), batch_size, shuffle, self.seed, rank, world_size)
@@ -352,6 +363,25 @@ class LMDataModule(L.LightningDataModule):
         return BatchLoader(
             blocks,
             sampler,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _stream_loader(self, split: str, train: bool, batch_size: int) -> DataLoader:
+        rank, world_size = self._rank_and_world()
+        windows = StreamWindows(
+            self.tokens[split],
+            batch_size,
+            self.seq_len,
+            pad_last=not train,
+            rank=rank,
+            world_size=world_size,
+            split=split,
+        )
+        return BatchLoader(
+            windows,
+            WindowOrder(len(windows)),
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,15 +1,20 @@
 """Decoding: filters on logits, one sampling step, a generate loop and a beam search.
 
 The filters are pure functions on logits of shape (B, vocab). `generate` and
-`beam_search` drive any module with a `config` (a `TransformerConfig`) and
-`forward(idx, cache) -> logits`, i.e. `TransformerLM`, through its KV cache:
-the prompt is prefilled once, then each step feeds one position.
+`beam_search` drive a model of any family through the interface they share
+(`lmlab.models.interface`): `forward(idx, state=...)` continues the sequence a
+decoding state holds (the KV cache of a Transformer, the hidden and cell states
+of an LSTM). The prompt is prefilled once, then each step feeds one position.
 
-Contexts longer than `config.block_size` do not crash. With the cache, a full
-window drops its oldest half: the cache is emptied and refilled with the newest
-`block_size // 2` tokens, which costs one prefill every `block_size // 2`
-steps. Without the cache, each step sees the last `block_size` tokens. The two
-paths therefore agree exactly until the first shift and differ after it.
+Contexts longer than the model can hold do not crash. A KV cache holds
+`context` positions (default: the model's `max_context`, `gpt`'s `block_size`;
+for a Llama, whose rotary positions have no table, its training window unless
+`context=` asks for more); when it is full it drops its oldest half: the cache
+is emptied and refilled with the newest `capacity // 2` tokens, which costs one
+prefill every `capacity // 2` steps. Without the cache, each step reads the last
+`context` tokens (all of them where nothing limits the model). The two paths
+therefore agree exactly until the first shift and differ after it. An LSTM's
+state holds any length: it never shifts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmlab.checks import is_int, is_real
-from lmlab.model import KVCache
+from lmlab.models.interface import State
 
 # float32 cumulative sums are off by ~1e-7, so a prefix whose mass is below p by
 # less than this counts as reaching p: probs [0.5, 0.3, ...] with p=0.8 keep two.
@@ -235,7 +240,10 @@ def _check_prompt(prompt_ids: Tensor, vocab_size: int) -> None:
 class _Context:
     """Feeds the model the tokens it has not seen yet and returns next-token logits.
 
-    Keeps the model's input within `block_size` as the module docstring says.
+    Keeps the model's input within its limits as the module docstring says: a
+    window of `context` positions (default the model's `max_context`; none for
+    a Llama or an LSTM), and a KV cache of that size (or of the training window,
+    `block_size`, where the model has no limit).
     """
 
     def __init__(
@@ -245,52 +253,55 @@ class _Context:
         total_len: int,
         use_cache: bool,
         device: torch.device,
+        context: int | None = None,
     ) -> None:
         self.model = model
-        self.block_size: int = model.config.block_size
-        self.keep = max(1, self.block_size // 2)
-        self.cache: KVCache | None = None
-        self.seen = 0  # tokens of the sequence the cache already holds, counted from its start
+        self.limit: int | None = context or model.max_context
+        self.state: State | None = None
+        self.capacity: int | None = None  # positions the state holds; None: any number
+        self.seen = 0  # tokens of the sequence the state already holds, counted from its start
         if use_cache:
             param = next((p for p in model.parameters() if p.is_floating_point()), None)
             dtype = torch.float32 if param is None else param.dtype
-            # No larger than the sequence will get: a long block_size costs no memory here.
-            max_len = min(self.block_size, total_len)
-            self.cache = KVCache(model.config, batch_size, max_len, device=device, dtype=dtype)
+            # No larger than the sequence will get: a long window costs no memory here.
+            size = min(self.limit or model.config.block_size, total_len)
+            self.state = model.new_state(batch_size, max_len=size, device=device, dtype=dtype)
+            self.capacity = self.state.capacity
 
     def logits(self, tokens: Tensor) -> Tensor:
         """Logits (B, vocab) for the position after `tokens` (B, n), the whole sequence so far."""
         n = tokens.size(1)
-        if self.cache is None:
-            return self.model(tokens[:, -self.block_size :])[:, -1]
-        if self.cache.length == 0:  # prefill: the longest suffix that fits
-            fresh = tokens[:, -self.block_size :]
-        elif self.cache.length + n - self.seen > self.block_size:
+        if self.state is None:
+            return self.model(tokens if self.limit is None else tokens[:, -self.limit :])[:, -1]
+        capacity = self.capacity
+        if self.state.length == 0:  # prefill: the longest suffix that fits
+            fresh = tokens if capacity is None else tokens[:, -capacity:]
+        elif capacity is not None and self.state.length + n - self.seen > capacity:
             # Positions are absolute, so a full cache cannot just drop its oldest entry: start
-            # over from the newest half, leaving room for block_size // 2 cheap steps.
-            self.cache.reset()
-            fresh = tokens[:, -self.keep :]
+            # over from the newest half, leaving room for capacity // 2 cheap steps.
+            self.state.reset()
+            fresh = tokens[:, -max(1, capacity // 2) :]
         else:
             fresh = tokens[:, self.seen :]
         self.seen = n
-        return self.model(fresh, self.cache)[:, -1]
+        return self.model(fresh, state=self.state)[:, -1]
 
     def reorder(self, index: Tensor, tokens: Tensor) -> None:
         """Keep batch rows `index`, in that order (beams that survived a step).
 
         `tokens` (B, n) is the sequence so far, before the reorder. Two rows whose cached
         tokens agree up to some position hold the same keys and values up to there (up to
-        float rounding between batch rows), so the cache copies only what follows the
+        float rounding between batch rows), so a KV cache copies only what follows the
         first position where a row and its source differ.
         """
-        if self.cache is None:
+        if self.state is None:
             return
         keep = 0
         if index.numel() == tokens.size(0):
-            window = tokens[:, self.seen - self.cache.length : self.seen]
+            window = tokens[:, self.seen - self.state.length : self.seen]
             differs = (window != window[index]).any(dim=0)  # (cached positions,)
-            keep = int(differs.int().argmax()) if bool(differs.any()) else self.cache.length
-        self.cache.reorder(index, keep)
+            keep = int(differs.int().argmax()) if bool(differs.any()) else self.state.length
+        self.state.reorder(index, keep)
 
 
 def generate(
@@ -306,6 +317,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_token: Callable[[Tensor], None] | None = None,
+    context: int | None = None,
 ) -> Tensor:
     """Prompt plus up to `max_new_tokens` new tokens, (B, T + new).
 
@@ -315,10 +327,10 @@ def generate(
     emits `eos_id` from then on, and the loop stops early, returning fewer
     columns, once every row has. `use_cache=False` recomputes the whole
     context every step: slower, and the reference the cached path is tested
-    against. Sequences longer than `block_size` shift their window as the
-    module docstring says. `on_token(next_ids)`, if given, sees each step's
-    new tokens (B,) as soon as they are chosen (to stream them). The model runs
-    in eval mode; its previous mode is restored.
+    against. Sequences longer than the window (`context`, default the model's
+    `max_context`) shift it as the module docstring says. `on_token(next_ids)`,
+    if given, sees each step's new tokens (B,) as soon as they are chosen (to
+    stream them). The model runs in eval mode; its previous mode is restored.
     """
     vocab_size = model.config.vocab_size
     top_k = check_decoding_args(
@@ -336,12 +348,12 @@ def generate(
     tokens[:, :prompt_len] = prompt_ids
     length = prompt_len
     with _inference(model):
-        context = _Context(
-            model, batch_size, prompt_len + max_new_tokens, use_cache, prompt_ids.device
+        window = _Context(
+            model, batch_size, prompt_len + max_new_tokens, use_cache, prompt_ids.device, context
         )
         done = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
         for _ in range(max_new_tokens):
-            logits = context.logits(tokens[:, :length])
+            logits = window.logits(tokens[:, :length])
             next_ids = sample_next(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
@@ -367,6 +379,7 @@ def beam_search(
     eos_id: int | None = None,
     stop_at_eos: bool = False,
     use_cache: bool = True,
+    context: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The best continuation of each prompt by beam search: (sequences (B, T + L), scores (B,)).
 
@@ -404,11 +417,13 @@ def beam_search(
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     with _inference(model):
-        context = _Context(model, batch_size, prompt_len + max_new_tokens, use_cache, device)
-        logits = context.logits(prompt_ids)  # (B, vocab)
+        window = _Context(
+            model, batch_size, prompt_len + max_new_tokens, use_cache, device, context
+        )
+        logits = window.logits(prompt_ids)  # (B, vocab)
         # All beams start as the prompt; prefill once, then copy rows.
         rows = torch.arange(batch_size, device=device).repeat_interleave(beams)
-        context.reorder(rows, prompt_ids)
+        window.reorder(rows, prompt_ids)
         logits = logits[rows]  # (B * beams, vocab)
         tokens = prompt_ids.new_empty(batch_size * beams, prompt_len + max_new_tokens)
         tokens[:, :prompt_len] = prompt_ids[rows]
@@ -419,7 +434,7 @@ def beam_search(
         for step in range(max_new_tokens):
             length = prompt_len + step
             if step > 0:
-                logits = context.logits(tokens[:, :length])
+                logits = window.logits(tokens[:, :length])
             logprobs = F.log_softmax(logits.float(), dim=-1)  # (B * beams, vocab)
             scores = (beam_scores.view(-1, 1) + logprobs).view(batch_size, -1)
             cand_scores, cand_index = scores.topk(num_candidates, dim=-1)  # (B, C), descending
@@ -449,7 +464,7 @@ def beam_search(
 
             beam_scores = cand_scores
             rows = (batch_offset + cand_beam).view(-1)
-            context.reorder(rows, tokens[:, :length])
+            window.reorder(rows, tokens[:, :length])
             tokens = tokens[rows]
             tokens[:, length] = cand_token.view(-1)
         else:  # ran out of steps: the surviving beams are hypotheses too

@@ -172,12 +172,12 @@ class SameConfigOnAllRanks(L.Callback):
 
 
 def fsdp_strategy(activation_checkpointing: bool = False, **kwargs: Any) -> Any:
-    """Lightning's FSDPStrategy sharding each Transformer block (conf/trainer/fsdp.yaml)."""
+    """Lightning's FSDPStrategy sharding each Transformer block, any family (conf/trainer/fsdp.yaml)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lmlab.model import Block
+    from lmlab.models import BLOCKS
 
-    kwargs.setdefault("auto_wrap_policy", {Block})
+    kwargs.setdefault("auto_wrap_policy", set(BLOCKS))
     if activation_checkpointing:
-        kwargs.setdefault("activation_checkpointing_policy", {Block})
+        kwargs.setdefault("activation_checkpointing_policy", set(BLOCKS))
     return FSDPStrategy(**kwargs)

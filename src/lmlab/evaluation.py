@@ -12,6 +12,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
@@ -28,9 +29,10 @@ from lmlab.generation import (
     until_eos,
     warn,
 )
-from lmlab.model import TransformerLM
 from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
+
+EVAL_ORDERS = ("blocks", "contiguous")
 
 
 def read_text(cfg: Mapping) -> tuple[list[str], str]:
@@ -85,13 +87,14 @@ def _windows(
 
 
 def perplexity(
-    model: TransformerLM,
+    model: nn.Module,
     tokens: Tensor,
     *,
     seq_len: int,
     stride: int | None = None,
     batch_size: int = 32,
     eos_id: int = 0,
+    order: str = "blocks",
 ) -> dict[str, float | int]:
     """Perplexity over every token of `tokens` (1-D ids), each predicted exactly once.
 
@@ -101,29 +104,41 @@ def perplexity(
     with `pad_last=True`). With `stride` s: windows of `seq_len` tokens that
     advance by s; the first scores all its tokens, each later one its newest
     s, so every token after the first window sees at least `seq_len - s`
-    earlier tokens.
+    earlier tokens. `order="contiguous"`: `batch_size` parallel streams read in
+    consecutive windows, as `data.order=contiguous` validates; a model that
+    carries state (an LSTM) reads each stream whole, with all of its context.
     """
     # lmlab.data brings in Lightning, seconds to import: imported here so that
     # eval.py turns a bad checkpoint or value away before paying for it.
     from lmlab.data import IGNORE_INDEX, TokenBlocks
     from lmlab.metrics import Perplexity
+    from lmlab.streams import StreamWindows
 
-    if stride is None:
-        blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
-        pairs = zip(blocks.inputs, blocks.targets, strict=True)
-    else:
-        pairs = _windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
     device = next(model.parameters()).device
     metric = Perplexity().to(device)
+    if order == "contiguous":
+        windows = StreamWindows(tokens, batch_size, seq_len, pad_last=True, eos_id=eos_id)
+        state = model.new_state(batch_size) if model.carries_state else None
+        batches = (windows[i] for i in range(len(windows)))
+        total = len(windows)
+    else:
+        if stride is None:
+            blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
+            pairs = zip(blocks.inputs, blocks.targets, strict=True)
+            num_windows = len(blocks)
+        else:
+            pairs = _windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
+            num_windows = len(tokens) // stride + 1
+        state = None
+        groups = iter(lambda: list(islice(pairs, batch_size)), [])
+        batches = ((torch.stack([x for x, _ in g]), torch.stack([y for _, y in g])) for g in groups)
+        total = -(-num_windows // batch_size)
     model.eval()
     with torch.inference_mode():
-        num_windows = len(tokens) // stride + 1 if stride else len(blocks)
-        batches = iter(lambda: list(islice(pairs, batch_size)), [])
-        for batch in track(batches, "perplexity", total=-(-num_windows // batch_size)):
-            inputs = torch.stack([x for x, _ in batch]).to(device)  # (B, seq_len)
-            targets = torch.stack([y for _, y in batch]).to(device)
+        for inputs, targets in track(batches, "perplexity", total=total):  # (B, seq_len) each
             # the training's own loss path: the fused output layer, summed, no logits
-            metric.update(*model(inputs, targets=targets, reduction="sum"))
+            inputs, targets = inputs.to(device), targets.to(device)
+            metric.update(*model(inputs, targets=targets, state=state, reduction="sum"))
     count = int(metric.count)
     mean = float(metric.nll) / max(count, 1)
     return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
@@ -134,7 +149,7 @@ def perplexity(
 
 
 def continuation_bleu(
-    model: TransformerLM,
+    model: nn.Module,
     vocab: Vocabulary,
     lines: Sequence[str],
     *,
@@ -159,8 +174,7 @@ def continuation_bleu(
     sentences = sentences[:num_sentences]
     if not sentences:
         return None
-    block_size = model.config.block_size
-    prompts = [prompt_ids(words[:prompt_words], vocab, block_size) for words in sentences]
+    prompts = [prompt_ids(words[:prompt_words], vocab, model.max_context) for words in sentences]
     lengths = [len(words) - prompt_words for words in sentences]
     continuations = continue_prompts(
         model,
@@ -198,6 +212,13 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         value = cfg.get(key)
         if value is not None and not is_positive_int(value):
             raise UserError(f"{key} must be a positive integer or null, got {value!r}")
+    if cfg.get("order") not in EVAL_ORDERS:
+        raise UserError(f"order must be one of {', '.join(EVAL_ORDERS)}; got {cfg.get('order')!r}")
+    if cfg.get("order") == "contiguous" and cfg.get("stride") is not None:
+        raise UserError(
+            "stride= reads overlapping windows; order=contiguous reads each stream once: "
+            "pass one of them"
+        )
     if not is_positive_int(cfg.get("batch_size")):
         raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
     bleu = cfg.get("bleu") or {}
@@ -215,11 +236,16 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         raise UserError(f"bleu: {error}") from None
 
 
-def check_window(seq_len: int | None, stride: int | None, block_size: int) -> int:
-    """The block length to use: `seq_len`, or the model's `block_size` when None."""
+def check_window(
+    seq_len: int | None, stride: int | None, block_size: int, limit: int | None
+) -> int:
+    """The block length to use: `seq_len`, or the training window `block_size` when None.
+
+    `limit`: the most positions the model reads at once (None: no limit).
+    """
     seq_len = block_size if seq_len is None else seq_len
-    if seq_len > block_size:
-        raise UserError(f"seq_len={seq_len} exceeds the model's block_size of {block_size}")
+    if limit is not None and seq_len > limit:
+        raise UserError(f"seq_len={seq_len} exceeds the model's block_size of {limit}")
     if stride is not None and stride > seq_len:
         raise UserError(
             f"stride={stride} exceeds seq_len={seq_len}: tokens between windows would never be "
@@ -243,13 +269,26 @@ def main(cfg: DictConfig) -> dict:
     bleu_decoding = check_eval_config(cfg)  # before loading anything: typos fail fast
     device = resolve_device(cfg.device)
     model, vocab = load_model(cfg.ckpt, device=device)
-    seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size)
+    seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size, model.max_context)
     lines, name = read_text(cfg)
 
     tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
-    results = {"checkpoint": str(cfg.ckpt), "data": name, "seq_len": seq_len, "stride": cfg.stride}
+    results = {
+        "checkpoint": str(cfg.ckpt),
+        "data": name,
+        "order": cfg.order,
+        "seq_len": seq_len,
+        "stride": cfg.stride,
+    }
     results.update(
-        perplexity(model, tokens, seq_len=seq_len, stride=cfg.stride, batch_size=cfg.batch_size)
+        perplexity(
+            model,
+            tokens,
+            seq_len=seq_len,
+            stride=cfg.stride,
+            batch_size=cfg.batch_size,
+            order=cfg.order,
+        )
     )
     summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
     if cfg.bleu.num_sentences > 0:

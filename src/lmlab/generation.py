@@ -124,12 +124,13 @@ def prompt_words(text: str) -> list[str]:
     return tokenize(text.lower())[:-1]
 
 
-def prompt_ids(words: Sequence[str], vocab: Vocabulary, block_size: int) -> list[int]:
-    """`<eos>` then the ids of `words`, cut from the left to the model's `block_size`."""
-    return ([vocab.eos_id, *vocab.encode(words)])[-block_size:]
+def prompt_ids(words: Sequence[str], vocab: Vocabulary, context: int | None) -> list[int]:
+    """`<eos>` then the ids of `words`, cut from the left to the model's `context` (None: whole)."""
+    ids = [vocab.eos_id, *vocab.encode(words)]
+    return ids if context is None else ids[-context:]
 
 
-def encode_prompts(texts: Sequence[str], vocab: Vocabulary, block_size: int) -> list[list[int]]:
+def encode_prompts(texts: Sequence[str], vocab: Vocabulary, context: int | None) -> list[list[int]]:
     """Each prompt's ids, with one warning listing every word read as `<unk>`."""
     words = [prompt_words(text) for text in texts]
     unknown = vocab.unknown(w for prompt in words for w in prompt)
@@ -138,13 +139,13 @@ def encode_prompts(texts: Sequence[str], vocab: Vocabulary, block_size: int) -> 
             f"{len(unknown)} prompt word(s) not in the vocabulary, read as <unk>: "
             + ", ".join(unknown)
         )
-    too_long = [i for i, prompt in enumerate(words) if len(prompt) + 1 > block_size]
+    too_long = [i for i, p in enumerate(words) if context is not None and len(p) + 1 > context]
     if too_long:
         warn(
-            f"{len(too_long)} prompt(s) longer than the model's context of {block_size} tokens "
+            f"{len(too_long)} prompt(s) longer than the model's context of {context} tokens "
             "are cut from the left"
         )
-    return [prompt_ids(prompt, vocab, block_size) for prompt in words]
+    return [prompt_ids(prompt, vocab, context) for prompt in words]
 
 
 # ---------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def main(cfg: DictConfig) -> None:
         return
 
     decoding = decoding.check(cfg.max_new_tokens, vocab_size=len(vocab))  # clips top_k
-    prompts = encode_prompts(texts, vocab, model.config.block_size)
+    prompts = encode_prompts(texts, vocab, model.max_context)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     try:
         if len(prompts) == 1 and cfg.output == "text" and streamable(decoding):

@@ -1,4 +1,5 @@
-"""LightningModule glue around `TransformerLM`: one loss path, perplexity, logging, optimizer."""
+"""LightningModule glue around a language model of any family: one loss path, perplexity,
+logging, the optimizer, and the state carried through the contiguous data order."""
 
 from __future__ import annotations
 
@@ -13,23 +14,32 @@ from torch.optim import Optimizer
 
 from lmlab.checkpoint import METADATA_KEY, checkpoint_metadata
 from lmlab.metrics import Perplexity
-from lmlab.model import TransformerConfig, TransformerLM
+from lmlab.models import ModelConfig, build_model
+from lmlab.models.interface import State
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+CARRIED_KEY = "lmlab_carried_state"  # checkpoint[...]: the training state carried mid-epoch
 
 
 class LanguageModel(L.LightningModule):
     def __init__(
         self,
-        model_config: TransformerConfig,
+        model_config: ModelConfig,
         vocab_words: list[str],
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         compile: bool = False,
+        carry_state: bool = False,
     ) -> None:
+        """`carry_state`: the batches come in the contiguous data order (`data.order`), so a
+        model that carries state (`carries_state`, the LSTM) hands each window's final
+        state to the next window of its stream, within each epoch, validation and test."""
         super().__init__()
-        self.model = TransformerLM(model_config)
+        self.model = build_model(model_config)
+        self.carry_state = carry_state and self.model.carries_state
+        self._states: dict[str, tuple[int, State]] = {}  # stage -> (epoch, its state)
+        self._restored: dict | None = None  # a resumed run's carried training state
         # Matrices and embeddings decay; biases and LayerNorm gains do not. Decided
         # here, on whole tensors: under FSDP they are flat 1-D shards by the time
         # configure_optimizers runs (the Parameter objects stay the same).
@@ -46,7 +56,7 @@ class LanguageModel(L.LightningModule):
         return self.model(idx)
 
     def model_step(
-        self, batch: tuple[Tensor, Tensor], reduction: str = "sum"
+        self, batch: tuple[Tensor, Tensor], reduction: str = "sum", stage: str = "val"
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Every stage's one loss: the batch's targets scored by the loss fused with the output layer.
 
@@ -56,13 +66,14 @@ class LanguageModel(L.LightningModule):
         sum divided by the count afterwards would cost one more pass over the
         gradients, 1.4% of a `small` step on 2 CPU cores). No stage materialises
         the (B, T, vocab) logits; padding targets are IGNORE_INDEX (-100) and do
-        not count.
+        not count. With `carry_state`, the batch continues `stage`'s state.
         """
         inputs, targets = batch
-        return self.model(inputs, targets=targets, reduction=reduction)
+        state = self._carried(stage, inputs.size(0)) if self.carry_state else None
+        return self.model(inputs, targets=targets, state=state, reduction=reduction)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.model_step(batch, reduction="mean")
+        loss = self.model_step(batch, reduction="mean", stage="train")
         # Only on the steps whose logs Lightning writes (every trainer.log_every_n_steps):
         # the two self.log calls cost ~1.4 ms of Python, 0.6% of a `small` step on 2 CPU cores.
         # RunRecorder records every step's loss from the returned value anyway.
@@ -73,10 +84,36 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.val_ppl.update(*self.model_step(batch))
+        self.val_ppl.update(*self.model_step(batch, stage="val"))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.test_ppl.update(*self.model_step(batch))
+        self.test_ppl.update(*self.model_step(batch, stage="test"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._states.pop("val", None)  # each validation reads its split from the start
+
+    def on_test_epoch_start(self) -> None:
+        self._states.pop("test", None)
+
+    def _carried(self, stage: str, batch_size: int) -> State:
+        """The state this batch continues: the previous batch's, detached, within one pass.
+
+        Training starts a fresh state each epoch (a resumed run takes the one its
+        checkpoint carries); validation and test start one each time they run.
+        """
+        epoch = self.current_epoch if stage == "train" else -1
+        entry = self._states.get(stage)
+        if entry is not None and entry[0] == epoch and entry[1].batch_size == batch_size:
+            state = entry[1]
+            state.detach()  # truncated backpropagation: the graph stops at the window's start
+            return state
+        state = self.model.new_state(batch_size)
+        restored, self._restored = self._restored, None
+        if stage == "train" and restored is not None and restored["epoch"] == epoch:
+            rank = self.global_rank if restored["ranks"] > 1 else 0
+            state.load_state_dict({k: v[rank] for k, v in restored["state"].items()})
+        self._states[stage] = (epoch, state)
+        return state
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val", self.val_ppl)
@@ -131,3 +168,19 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[METADATA_KEY] = checkpoint_metadata(self.model.config, self.vocab_words)
+        entry = self._states.get("train")
+        if self.carry_state and entry is not None:
+            # Every rank carries its own streams' state: gathered, so each gets its own back.
+            values = entry[1].state_dict()
+            if self.trainer.world_size > 1:
+                values = {k: self.all_gather(v) for k, v in values.items()}
+            else:
+                values = {k: v[None] for k, v in values.items()}
+            checkpoint[CARRIED_KEY] = {
+                "epoch": entry[0],
+                "ranks": self.trainer.world_size,
+                "state": {k: v.cpu() for k, v in values.items()},
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = checkpoint.get(CARRIED_KEY)

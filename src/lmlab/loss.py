@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 # slower (the matmuls pack the whole weight once per chunk), 1,024 rows 4% slower and
 # one chunk of 2,048 rows 8%.
 CHUNK_ROWS = 512
+IGNORE_INDEX = -100  # the target of a position that is not scored (padding), as in F.cross_entropy
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -38,14 +39,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx,
         hidden: Tensor,
         weight: Tensor,
+        bias: Tensor | None,
         targets: Tensor,
         ignore_index: int,
         chunk_rows: int,
         mean: bool,
     ) -> Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.empty_like(weight) if want_weight else None
+        grad_bias = torch.empty_like(bias).view(1, -1) if want_bias else None
         counted = targets != ignore_index
         count = counted.sum()
         # Each counted row weighs 1 in the sum, 1 / count in the mean (nan if none counts).
@@ -63,19 +66,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         limit = min(math.log(finfo.max / max(weight.size(0), 1)), -math.log(finfo.tiny)) - 1
         # Checking the bound reads it on the host: free on CPU, a sync on other devices,
         # and a graph break under torch.compile (whose fused log-softmax needs no help).
-        largest_row = None
+        largest_row = largest_bias = None
         if hidden.device.type == "cpu" and weight.numel() and not torch.compiler.is_compiling():
             largest_row = torch.linalg.vector_norm(weight, dim=1).max()
+            largest_bias = 0.0 if bias is None else bias.abs().max()
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, target = hidden[rows], safe_targets[rows]
-            logits = torch.mm(h, weight.T, out=buffer[: h.size(0)])  # (rows, vocab)
+            out = buffer[: h.size(0)]
+            if bias is None:
+                logits = torch.mm(h, weight.T, out=out)  # (rows, vocab)
+            else:
+                logits = torch.addmm(bias, h, weight.T, out=out)
             unshifted = largest_row is not None and bool(
-                torch.linalg.vector_norm(h, dim=1).max() * largest_row <= limit
+                torch.linalg.vector_norm(h, dim=1).max() * largest_row + largest_bias <= limit
             )
             exps, sums, nll = exp_logits_and_nll(logits, target, unshifted)
             total += (nll * counted[rows, None]).sum(dtype=torch.float64)
-            if want_hidden or want_weight:
+            if want_hidden or want_weight or want_bias:
                 # d(mean nll)/d(logits) = (exps / sums - one_hot) * row weight
                 #                       = (exps - sums * one_hot) * (row weight / sums):
                 # the last factor goes on the (rows, C) side of each matmul, a 40x
@@ -88,11 +96,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(grad.T, h * scale, out=grad_weight)
                 elif want_weight:
                     grad_weight.addmm_(grad.T, h * scale)
-        if want_weight and hidden.size(0) == 0:
-            grad_weight.zero_()
+                if want_bias and start == 0:  # the bias gradient sums the rows' gradients
+                    torch.mm(scale.T, grad, out=grad_bias)
+                elif want_bias:
+                    grad_bias.addmm_(scale.T, grad)
+        if hidden.size(0) == 0:
+            for grad in (grad_weight, grad_bias):
+                if grad is not None:
+                    grad.zero_()
         # Kept on ctx rather than saved: backward hands them on and drops its own
         # reference, so autograd can accumulate into these buffers instead of copying.
-        ctx.grads = (grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.view(-1))
         # 0 / 0 gives nan when every target is ignored, as F.cross_entropy does.
         return (total / count if mean else total).to(hidden.dtype)
 
@@ -104,17 +118,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 "linear_cross_entropy cannot backpropagate twice through one forward "
                 "(retain_graph=True): its gradients are computed once, in forward"
             )
-        grad_hidden, grad_weight = ctx.grads
+        grad_hidden, grad_weight, grad_bias = ctx.grads
         ctx.grads = None
         # An unscaled loss (1.0, the usual case) skips two passes over the gradients.
         # Reading the value is free on CPU; elsewhere it would be a host sync (the passes
         # are cheap there), and under torch.compile a graph break.
         on_host = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
         if not on_host or grad_loss.item() != 1.0:
-            for grad in (grad_hidden, grad_weight):
+            for grad in (grad_hidden, grad_weight, grad_bias):
                 if grad is not None:
                     grad.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def exp_logits_and_nll(
@@ -141,13 +155,14 @@ def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     chunk_rows: int = CHUNK_ROWS,
+    bias: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=...)`, without the logits.
+    """`F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=...)`, without the logits.
 
-    `hidden` (N, C), `weight` (vocab, C), `targets` (N,). `reduction="mean"`
+    `hidden` (N, C), `weight` (vocab, C), `bias` (vocab,) or None, `targets` (N,). `reduction="mean"`
     gives the mean over the counted targets (training's loss); `"sum"` gives
     `(summed NLL, number of counted targets)`, what a perplexity over a whole
     split accumulates. Under autocast, or with 16-bit weights
@@ -164,11 +179,13 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     half = hidden.dtype not in (torch.float32, torch.float64)
     if half or torch.is_autocast_enabled(hidden.device.type):
-        logits = F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight, bias).float()
         loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     else:
         mean = reduction == "mean"
-        loss = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, mean)
+        loss = _LinearCrossEntropy.apply(
+            hidden, weight, bias, targets, ignore_index, chunk_rows, mean
+        )
     if reduction == "mean":
         return loss
     return loss, (targets != ignore_index).sum()

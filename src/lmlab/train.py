@@ -49,6 +49,7 @@ def main(cfg: DictConfig) -> dict:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         compile=cfg.compile,
+        carry_state=cfg.data.get("order") == "contiguous",
     )
     output_dir = Path(cfg.paths.output_dir)
     trainer = instantiate(

@@ -2,22 +2,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.model import (
-    PRESETS,
-    CausalSelfAttention,
-    Dropout,
-    KVCache,
-    TransformerConfig,
-    TransformerLM,
-)
+from lmlab.models.dropout import Dropout
+from lmlab.models.gpt import GPTLM, PRESETS, CausalSelfAttention, GPTConfig
+from lmlab.models.kv_cache import KVCache
+from lmlab.parameters import parameter_counts
 
 
-def tiny_model(seed: int = 0, dropout: float = 0.0) -> TransformerLM:
+def tiny_model(seed: int = 0, dropout: float = 0.0) -> GPTLM:
     torch.manual_seed(seed)
-    config = TransformerConfig(
+    config = GPTConfig(
         vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout
     )
-    return TransformerLM(config).eval()
+    return GPTLM(config).eval()
 
 
 def test_changing_token_t_leaves_earlier_logits_unchanged():
@@ -53,15 +49,15 @@ def test_output_layer_is_tied_to_embedding_and_counted_once():
     model = tiny_model()
     assert model.lm_head.weight is model.token_embedding.weight
     unique = {id(p): p.numel() for p in model.parameters()}
-    assert model.num_parameters() == sum(unique.values())
-    embeddings = 50 * 32 + 16 * 32
-    assert model.num_parameters(include_embeddings=False) == model.num_parameters() - embeddings
+    counts = parameter_counts(model)
+    assert sum(counts.values()) == sum(unique.values())
+    assert counts["embeddings"] == 50 * 32 + 16 * 32
 
 
 def test_gpt2_initialisation_scales_residual_projections():
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=1000, block_size=16, n_layer=8, n_embd=256, n_head=4)
-    model = TransformerLM(config)
+    config = GPTConfig(vocab_size=1000, block_size=16, n_layer=8, n_embd=256, n_head=4)
+    model = GPTLM(config)
     assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
     proj = model.blocks[0].mlp.proj.weight.std().item()
     assert proj == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.05)
@@ -73,10 +69,10 @@ def test_kv_cache_prefill_then_steps_matches_full_forward():
     idx = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache(model.config, batch_size=3)
-        pieces = [model(idx[:, :5], cache)]  # prefill 5 positions at once
-        pieces += [model(idx[:, i : i + 1], cache) for i in range(5, 9)]
-        pieces.append(model(idx[:, 9:], cache))  # several positions after a prefix
+        cache = model.new_state(3)
+        pieces = [model(idx[:, :5], state=cache)]  # prefill 5 positions at once
+        pieces += [model(idx[:, i : i + 1], state=cache) for i in range(5, 9)]
+        pieces.append(model(idx[:, 9:], state=cache))  # several positions after a prefix
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.length == 12
 
@@ -99,26 +95,26 @@ def test_sequence_longer_than_block_size_is_refused():
 )
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TransformerConfig(**kwargs)
+        GPTConfig(**kwargs)
 
 
 def test_presets_build_and_small_has_the_documented_shape():
     for preset in PRESETS.values():
-        TransformerConfig(**preset)  # every preset is valid
-    small = TransformerConfig(**PRESETS["small"])
+        GPTConfig(**preset)  # every preset is valid
+    small = GPTConfig(**PRESETS["small"])
     assert (small.n_layer, small.n_embd, small.n_head) == (2, 256, 4)
-    assert TransformerConfig(**small.to_dict()) == small
+    assert GPTConfig(**small.to_dict()) == small
 
 
 def test_kv_cache_reorder_follows_the_chosen_rows():
     model = tiny_model()
     idx = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        cache = KVCache(model.config, batch_size=3)
-        model(idx, cache)
+        cache = model.new_state(3)
+        model(idx, state=cache)
         cache.reorder(torch.tensor([2, 2, 0]))  # same batch size: in place
         step = torch.tensor([[5], [6], [7]])
-        reordered = model(step, cache)[:, -1]
+        reordered = model(step, state=cache)[:, -1]
         expected = model(torch.cat([idx[[2, 2, 0]], step], dim=1))[:, -1]
     torch.testing.assert_close(reordered, expected, rtol=1e-5, atol=1e-5)
     cache.reorder(torch.tensor([1]))  # a different batch size: a new buffer
@@ -126,8 +122,7 @@ def test_kv_cache_reorder_follows_the_chosen_rows():
 
 
 def test_kv_cache_reorder_copies_only_moved_rows_after_keep():
-    config = TransformerConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=4)
-    cache = KVCache(config, batch_size=3)
+    cache = KVCache(n_layer=1, batch_size=3, n_head=1, head_dim=4, max_len=8)
     cache.length = 5
     for row in range(3):
         cache.keys[:, row] = row
@@ -150,18 +145,20 @@ def test_one_position_decode_path_equals_the_module_path():
     with torch.no_grad():
         for training in (True, False):
             model.train(training)
-            cache = KVCache(model.config, batch_size=3, max_len=9)
-            model(idx[:, :4], cache)
-            steps[training] = torch.cat([model(idx[:, i : i + 1], cache) for i in range(4, 9)], 1)
+            cache = model.new_state(3, max_len=9)
+            model(idx[:, :4], state=cache)
+            steps[training] = torch.cat(
+                [model(idx[:, i : i + 1], state=cache) for i in range(4, 9)], 1
+            )
             assert cache.length == 9
             with pytest.raises(ValueError, match="KV cache overflow: 10 positions > 9"):
-                model(idx[:, :1], cache)
+                model(idx[:, :1], state=cache)
     assert torch.equal(steps[True], steps[False])
     # Asked for the loss, a cached one-token step still returns the loss, not logits.
     with torch.no_grad():
-        cache = KVCache(model.config, batch_size=3, max_len=9)
-        model(idx[:, :8], cache)
-        loss = model(idx[:, 8:], cache, targets=torch.tensor([[1], [2], [3]]))
+        cache = model.new_state(3, max_len=9)
+        model(idx[:, :8], state=cache)
+        loss = model(idx[:, 8:], state=cache, targets=torch.tensor([[1], [2], [3]]))
     expected = F.cross_entropy(steps[False][:, -1], torch.tensor([1, 2, 3]))
     torch.testing.assert_close(loss, expected)
 
@@ -195,10 +192,10 @@ def test_dropout_masks_are_independent_and_follow_the_torch_seed():
 
 
 def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart():
-    assert TransformerConfig(dropout=0.2).attention_dropout == 0.2  # nanoGPT's one knob
-    config = TransformerConfig(dropout=0.2, attn_dropout=0.0)
+    assert GPTConfig(dropout=0.2).attention_dropout == 0.2  # nanoGPT's one knob
+    config = GPTConfig(dropout=0.2, attn_dropout=0.0)
     assert config.attention_dropout == 0.0
-    model = TransformerLM(config)
+    model = GPTLM(config)
     assert model.blocks[0].attn.attn_dropout.p == 0.0
     assert model.blocks[0].attn.resid_dropout.p == 0.2
 
@@ -211,7 +208,7 @@ def test_dropout_is_identity_in_eval_mode_and_at_p_zero():
 
 def test_attention_with_dropout_path_is_causal_attention():
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
     attention = CausalSelfAttention(config, layer=0)
     q, k, v = torch.randn(3, 2, 3, 16, 16).unbind(0)
     attention.attn_dropout.eval()  # the path's math, without the random mask

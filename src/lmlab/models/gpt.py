@@ -1,7 +1,8 @@
-"""A decoder-only Transformer language model in plain PyTorch.
+"""`gpt`: a decoder-only Transformer language model (GPT-2's block) in plain PyTorch.
 
-Read top to bottom: the config, the KV cache, dropout, attention, MLP, block, then
-the model. No Lightning and no Hydra here; training and decoding wrap this module.
+Read top to bottom: the config, attention, MLP, block, then the model. No
+Lightning and no Hydra here; training and decoding wrap this module through the
+interface every family shares (`lmlab.models.interface`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmlab.checks import is_positive_int
 from lmlab.loss import linear_cross_entropy
+from lmlab.models.dropout import Dropout
+from lmlab.models.interface import check_family, check_fractions, check_positive_ints
+from lmlab.models.kv_cache import KVCache
 
 
 @dataclass
-class TransformerConfig:
+class GPTConfig:
     """Every number that defines the network; flat, so it travels as plain JSON."""
 
+    family: str = "gpt"
     vocab_size: int = 10_000
     block_size: int = 64  # longest context the positional table covers
     n_layer: int = 2
@@ -35,14 +39,11 @@ class TransformerConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            value = getattr(self, name)
-            if not is_positive_int(value):
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        for name in ("dropout", "attn_dropout"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"model.{name} must be in [0, 1), got {value!r}")
+        check_family(self, "gpt")
+        check_positive_ints(
+            self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio")
+        )
+        check_fractions(self, ("dropout", "attn_dropout"))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
@@ -53,7 +54,7 @@ class TransformerConfig:
     def attention_dropout(self) -> float:
         return self.dropout if self.attn_dropout is None else self.attn_dropout
 
-    def to_dict(self) -> dict[str, int | float | bool | None]:
+    def to_dict(self) -> dict[str, int | float | bool | str | None]:
         """The constructor arguments, as plain values (derived fields left out)."""
         values = asdict(self)
         del values["head_dim"]
@@ -68,98 +69,8 @@ PRESETS: dict[str, dict[str, int | float]] = {
 }
 
 
-class KVCache:
-    """Keys and values of every layer for the positions decoded so far.
-
-    Preallocated once for `max_len` positions, so each decoding step writes one
-    position per layer instead of concatenating tensors.
-    """
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.max_len = max_len or config.block_size
-        if self.max_len > config.block_size:
-            raise ValueError(
-                f"a KV cache of {self.max_len} positions exceeds the model's "
-                f"block_size of {config.block_size}"
-            )
-        shape = (config.n_layer, batch_size, config.n_head, self.max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; the next token goes at this position
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store (B, nh, T, hd) keys and values after the filled part; return all of them."""
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > {self.max_len}")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def reorder(self, index: Tensor, keep: int = 0) -> None:
-        """Keep batch rows `index` (in that order), e.g. the surviving beams.
-
-        Beam search reorders every step, so when the batch size stays the same
-        only rows that change are copied, in place, and only from position
-        `keep` on: the caller passes how many leading positions every row
-        already shares with its source (beams share most of their history, and
-        copying it all each step would cost more than the model's forward).
-        """
-        if index.numel() != self.keys.size(1):  # the batch grows or shrinks
-            self.keys = self.keys.index_select(1, index)
-            self.values = self.values.index_select(1, index)
-            return
-        moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
-        if moved.numel() == 0 or keep >= self.length:
-            return
-        source, stale = index[moved], slice(keep, self.length)
-        # The right-hand side is gathered before anything is written, so rows may swap.
-        self.keys[:, moved, :, stale] = self.keys[:, source, :, stale]
-        self.values[:, moved, :, stale] = self.values[:, source, :, stale]
-
-    def reset(self) -> None:
-        """Forget every position; the next forward starts at position 0."""
-        self.length = 0
-
-
-class Dropout(nn.Dropout):
-    """`nn.Dropout` with a cheaper mask on CPU.
-
-    On CPU, `F.dropout` draws its mask with `bernoulli_` at ~9 ns per element,
-    11% of a training step of the `small` model on 2 cores. Here each element
-    gets 16 bits of one 64-bit draw from the same generator (so seeding and
-    resuming work as before), and forward plus backward cost a third as much.
-    The drop probability is `p` rounded to a multiple of 1/65536, and kept
-    values are scaled by the inverse of the rounded keep probability, so the
-    expectation stays exact. On other devices this is `F.dropout`.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        dropped = round(self.p * 65536)
-        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-        bits.random_(-(2**63), None)  # every bit uniform: the full 64-bit range
-        # Each int16 is uniform on [-32768, 32767]; `dropped` of its 65536 values drop.
-        keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
-        # The scale rides on a float mask: one multiply each way, autograd saves only
-        # the mask, and no 0/1 mask of another dtype is converted on every multiply. At
-        # least float32, so that bf16 does not round the scale (1 / 0.9 to 1.109375).
-        mask = keep.to(torch.promote_types(x.dtype, torch.float32))
-        return (x * mask.mul_(65536 / (65536 - dropped))).to(x.dtype)
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: TransformerConfig, layer: int) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
@@ -214,7 +125,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
@@ -229,7 +140,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: TransformerConfig, layer: int) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer)
@@ -241,8 +152,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
-class TransformerLM(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+class GPTLM(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
@@ -268,23 +179,57 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def max_context(self) -> int:
+        """The positional table covers `block_size` positions: no state may hold more."""
+        return self.config.block_size
+
+    carries_state = False  # each training window starts afresh (no memory across windows)
+
+    def new_state(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty KV cache for `max_len` positions (default and at most `block_size`)."""
+        max_len = max_len or self.config.block_size
+        if max_len > self.config.block_size:
+            raise ValueError(
+                f"a KV cache of {max_len} positions exceeds the model's "
+                f"block_size of {self.config.block_size}"
+            )
+        c = self.config
+        weight = self.token_embedding.weight
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.head_dim,
+            max_len,
+            device=device or weight.device,
+            dtype=dtype or weight.dtype,
+        )
+
     def forward(
         self,
         idx: Tensor,
-        cache: KVCache | None = None,
         targets: Tensor | None = None,
+        state: KVCache | None = None,
         reduction: str = "mean",
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the loss instead.
 
-        With a `cache`, `idx` continues the sequence the cache holds: its
-        positions start at `cache.length`, and the cache advances by T. With
+        With a `state` (a KV cache), `idx` continues the sequence it holds: its
+        positions start at `state.length`, and the cache advances by T. With
         `targets` (B, T), it returns their mean cross-entropy (positions whose
         target is -100 do not count), or with `reduction="sum"` the summed NLL
         and the number of counted targets, fused with the output layer so that
         the logits are never materialised (see lmlab/loss.py).
         """
         B, T = idx.shape
+        cache = state
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
             raise ValueError(
@@ -297,7 +242,7 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             x = block(x, cache)  # (B, T, C)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.ln_final(x)
         if targets is not None:
             return linear_cross_entropy(
@@ -333,13 +278,6 @@ class TransformerLM(nn.Module):
             h = F.layer_norm(x, (C,), block.ln_mlp.weight, block.ln_mlp.bias)
             h = F.gelu(F.linear(h, mlp.fc.weight, mlp.fc.bias))
             x = x + F.linear(h, mlp.proj.weight, mlp.proj.bias)
-        cache.length += 1
+        cache.advance(1)
         x = F.layer_norm(x, (C,), self.ln_final.weight, self.ln_final.bias)
         return F.linear(x, self.lm_head.weight)[:, None]  # (B, 1, vocab)
-
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameter count; the tied output layer is counted once."""
-        total = sum(p.numel() for p in self.parameters())
-        if not include_embeddings:
-            total -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
-        return total

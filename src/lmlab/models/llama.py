@@ -1,0 +1,251 @@
+"""`llama`: a Llama-style decoder-only Transformer in plain PyTorch.
+
+What differs from `gpt`: RMSNorm instead of LayerNorm, rotary position
+embeddings (RoPE: no learned position table, so a decoding state may hold more
+positions than the training window), a SwiGLU MLP, no biases, grouped-query
+attention (`n_kv_head` key/value heads shared by `n_head` query heads) and an
+optional untied output layer. The rotation and the weight layout follow Hugging
+Face's `LlamaForCausalLM` (rotate-half RoPE, `w_gate`/`w_up`/`w_down` MLP), so a
+model maps onto it weight for weight.
+
+Read top to bottom: the config, RoPE, attention, MLP, block, then the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmlab.checks import is_real
+from lmlab.loss import linear_cross_entropy
+from lmlab.models.dropout import Dropout
+from lmlab.models.interface import check_family, check_fractions, check_positive_ints
+from lmlab.models.kv_cache import KVCache
+
+
+@dataclass
+class LlamaConfig:
+    """Every number that defines the network; flat, so it travels as plain JSON."""
+
+    family: str = "llama"
+    vocab_size: int = 10_000
+    block_size: int = 64  # the training window; decoding may go past it (RoPE)
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads; None: n_head (no grouping)
+    n_embd: int = 256
+    mlp_hidden: int | None = None  # SwiGLU width; None: 8/3 n_embd, rounded up to 32
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    head_dim: int = field(init=False)
+    kv_heads: int = field(init=False)
+    hidden: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_family(self, "llama")
+        check_positive_ints(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+        check_fractions(self, ("dropout", "attn_dropout"))
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        self.kv_heads = self.n_head if self.n_kv_head is None else self.n_kv_head
+        check_positive_ints(self, ("kv_heads",) if self.n_kv_head is None else ("n_kv_head",))
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_head ({self.kv_heads}) must divide model.n_head ({self.n_head}): "
+                "each key/value head serves the same number of query heads"
+            )
+        self.head_dim = self.n_embd // self.n_head
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.n_embd / model.n_head ({self.head_dim}) must be even for rotary embeddings"
+            )
+        if self.mlp_hidden is not None:
+            check_positive_ints(self, ("mlp_hidden",))
+        self.hidden = self.mlp_hidden or 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not (is_real(value) and value > 0):
+                raise ValueError(f"model.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(
+                f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}"
+            )
+
+    def to_dict(self) -> dict[str, int | float | bool | str | None]:
+        """The constructor arguments, as plain values (derived fields left out)."""
+        values = asdict(self)
+        for derived in ("head_dim", "kv_heads", "hidden"):
+            del values[derived]
+        return values
+
+
+PRESETS: dict[str, dict[str, int | float | None]] = {
+    "llama_tiny": dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, dropout=0.0),
+    "llama_small": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=256, dropout=0.2),
+}
+
+
+def rope_tables(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin (T, head_dim) of the rotation at each position, as Hugging Face's Llama."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    freqs = torch.outer(positions.float(), inv_freq)  # (T, head_dim / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on (B, heads, T, head_dim): each half-pair of dimensions turned by its angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return (x * cos + rotated_half * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query key/value heads."""
+
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.theta = config.rope_theta
+        self.q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
+        self.v = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        grouped = self.kv_heads != self.n_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped
+            )
+        else:
+            start = cache.length
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, start + T, hd)
+            # query i sits at position start + i and sees positions <= start + i
+            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=grouped
+            )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.proj(y))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.hidden, bias=False)
+        self.down = nn.Linear(config.hidden, config.n_embd, bias=False)
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-RMSNorm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.norm_mlp = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        x = x + self.attn(self.norm_attn(x), cos, sin, cache)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class LlamaLM(nn.Module):
+    carries_state = False  # each training window starts afresh (no memory across windows)
+    max_context = None  # rotary positions have no table: no limit (a KV cache has a size)
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.dropout = Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_final = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # As in GPT-2: the residual projections scaled by 1/sqrt(2 * n_layer).
+        for block in self.blocks:
+            for linear in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(linear.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def new_state(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty KV cache of `max_len` positions (default `block_size`), `n_kv_head` heads."""
+        c = self.config
+        weight = self.token_embedding.weight
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.kv_heads,
+            c.head_dim,
+            max_len or c.block_size,
+            device=device or weight.device,
+            dtype=dtype or weight.dtype,
+        )
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        state: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the fused loss.
+
+        With a `state` (a KV cache), `idx` continues the sequence it holds at
+        positions `state.length` onwards, and the cache advances by T.
+        """
+        B, T = idx.shape
+        start = 0 if state is None else state.length
+        positions = torch.arange(start, start + T, device=idx.device)
+        cos, sin = rope_tables(self.config.head_dim, positions, self.config.rope_theta)
+        x = self.dropout(self.token_embedding(idx))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin, state)
+        if state is not None:
+            state.advance(T)
+        x = self.norm_final(x)
+        if targets is not None:
+            return linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction=reduction
+            )
+        return self.lm_head(x)
