@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from machine import machine_line
 
 from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
@@ -233,6 +234,7 @@ def main() -> None:
         for v in variants
         if v.runner == "plain" and not v.compile
     }
+    print(machine_line())
     print(
         f"model 'small' ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
         f"vocab {VOCAB_SIZE}); batch {BATCH_SIZE} x {SEQ_LEN}; median of {steps} timed steps "

@@ -312,3 +312,14 @@ def test_one_prompt_streams_and_ctrl_c_keeps_what_was_printed(tmp_path):
     text = (first + rest).decode()
     assert text.endswith("\n") and text.count("\n") == 1
     assert set(text.split()) <= set(VOCAB.words) and len(text.split()) > 20
+
+
+def test_context_is_checked_against_what_the_model_can_read():
+    from lmlab.generation import check_context
+
+    model = tiny_model(block_size=16)
+    assert check_context(None, model) == 16 and check_context(8, model) == 8
+    with pytest.raises(UserError, match=r"context=32 exceeds the model's block_size of 16"):
+        check_context(32, model)
+    with pytest.raises(UserError, match=r"context must be a positive integer or null"):
+        Decoding(context=0).check(max_new_tokens=1)

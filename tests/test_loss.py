@@ -46,6 +46,19 @@ def test_sum_reduction_gives_the_summed_nll_and_the_count(chunk_rows: int):
         linear_cross_entropy(hidden, weight, targets, reduction="none")
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_an_output_bias_gets_its_loss_and_gradient(chunk_rows: int):
+    hidden, weight, targets = problem(53, torch.float64)
+    bias = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, bias=bias)
+    fused_grads = torch.autograd.grad(2.0 * fused, (hidden, weight, bias))
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=-100)
+    plain_grads = torch.autograd.grad(2.0 * plain, (hidden, weight, bias))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=0)
+    for got, expected in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_float32_matches_within_rounding_and_only_requested_gradients_are_made():
     hidden, weight, targets = problem(200, torch.float32)
     fused = linear_cross_entropy(hidden, weight.detach(), targets)

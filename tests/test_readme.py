@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from forkserver import ForkServer
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 
 from conftest import ROOT, run_console_script
 
@@ -40,12 +42,27 @@ pytestmark = [
 ]
 
 
-def tiny_training(tmp: Path, name: str, multirun: bool, cache: Path) -> list[str]:
+TINY_SHAPES = {  # one layer, width 16, for the family the command picks
+    "gpt": ["model.n_layer=1", "model.n_embd=16", "model.n_head=2"],
+    "llama": ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.n_kv_head=1"],
+    "lstm": ["model.n_layer=1", "model.n_embd=16", "model.n_hidden=16"],
+}
+
+
+def family_of(args: list[str]) -> str:
+    """The model family a train.py command line composes."""
+    choices = [a for a in args if a.split("=")[0] in ("model", "experiment")]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=choices)
+    return get_class(cfg.model._target_)().family
+
+
+def tiny_training(
+    tmp: Path, name: str, multirun: bool, cache: Path, family: str = "gpt"
+) -> list[str]:
     folder = ("hydra.sweep.dir=" if multirun else "hydra.run.dir=") + str(tmp / name)
     return [
-        "model.n_layer=1",
-        "model.n_embd=16",
-        "model.n_head=2",
+        *TINY_SHAPES[family],
         "data.seq_len=64",
         "data.batch_size=4",
         "data.eval_batch_size=32",
@@ -72,7 +89,8 @@ def as_run(
     if program in ("train.py", "lmlab-train"):
         if not any(a.startswith("data.data_dir=") for a in args):
             args.append(f"data.data_dir={PTB}")  # the README's first command downloads it
-        args += tiny_training(tmp, name, multirun="-m" in args, cache=cache)
+        family = family_of(args)
+        args += tiny_training(tmp, name, multirun="-m" in args, cache=cache, family=family)
     elif program in ("generate.py", "lmlab-generate"):
         args.append("max_new_tokens=3")
     elif program == "eval.py":

@@ -49,6 +49,7 @@ class Decoding:
     length_penalty: float = 1.0
     num_samples: int = 1
     stop_at_eos: bool = False
+    context: int | None = None  # positions the model reads; None: the model's own window
 
     @classmethod
     def from_config(cls, node: Mapping) -> Decoding:
@@ -66,6 +67,10 @@ class Decoding:
             )
         if not isinstance(self.stop_at_eos, bool):
             raise UserError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}")
+        if self.context is not None and not (is_int(self.context) and self.context >= 1):
+            raise UserError(
+                f"context must be a positive integer or null (the model's own), got {self.context!r}"
+            )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -194,6 +199,7 @@ def continue_prompts(
                 length_penalty=decoding.length_penalty,
                 eos_id=eos_id,
                 stop_at_eos=decoding.stop_at_eos,
+                context=decoding.context,
             )
         else:
             out = generate(
@@ -205,6 +211,7 @@ def continue_prompts(
                 top_p=decoding.top_p,
                 eos_id=eos_id,
                 stop_at_eos=decoding.stop_at_eos,
+                context=decoding.context,
                 generator=generator,
             )
         for row, tokens in enumerate(out[:, length:].tolist()):
@@ -212,6 +219,17 @@ def continue_prompts(
                 tokens = until_eos(tokens, eos_id)
             results[chunk[row // samples]][row % samples] = tokens
     return results
+
+
+def check_context(context: int | None, model: nn.Module) -> int | None:
+    """The window prompts are cut to: `context`, or the model's own limit (None: no cut)."""
+    limit = model.max_context
+    if context is not None and limit is not None and context > limit:
+        raise UserError(
+            f"context={context} exceeds the model's block_size of {limit}: its positional "
+            "table ends there (a llama or lstm model reads further); lower context"
+        )
+    return context or limit
 
 
 def streamable(decoding: Decoding) -> bool:
@@ -258,6 +276,7 @@ def stream_continuation(
         stop_at_eos=decoding.stop_at_eos,
         generator=generator,
         on_token=show,
+        context=decoding.context,
     )
     out.write("\n")
     out.flush()
@@ -335,7 +354,7 @@ def main(cfg: DictConfig) -> None:
         return
 
     decoding = decoding.check(cfg.max_new_tokens, vocab_size=len(vocab))  # clips top_k
-    prompts = encode_prompts(texts, vocab, model.max_context)
+    prompts = encode_prompts(texts, vocab, check_context(decoding.context, model))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     try:
         if len(prompts) == 1 and cfg.output == "text" and streamable(decoding):

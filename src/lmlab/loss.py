@@ -73,11 +73,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, target = hidden[rows], safe_targets[rows]
-            out = buffer[: h.size(0)]
-            if bias is None:
-                logits = torch.mm(h, weight.T, out=out)  # (rows, vocab)
-            else:
-                logits = torch.addmm(bias, h, weight.T, out=out)
+            logits = torch.mm(h, weight.T, out=buffer[: h.size(0)])  # (rows, vocab)
+            if bias is not None:
+                # Added after the matmul: addmm into `out` first copies the broadcast bias
+                # there, a full extra pass (3.5 ms of a 67 ms LSTM step on 2 CPU cores).
+                logits.add_(bias)
             unshifted = largest_row is not None and bool(
                 torch.linalg.vector_norm(h, dim=1).max() * largest_row + largest_bias <= limit
             )

@@ -34,3 +34,30 @@ def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: i
     if warmup_steps < 0:
         raise ValueError(f"scheduler.warmup_steps must be >= 0, got {warmup_steps}")
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+def epoch_decay(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    epochs: int,
+    decay_after: int,
+    factor: float,
+) -> LambdaLR:
+    """The base LR for `decay_after` epochs, then multiplied by `factor` at every new epoch.
+
+    Zaremba et al. 2014: lr 1, halved (factor 0.5) each epoch after the 4th. The
+    schedule is stepped per optimizer step; an epoch is `total_steps // epochs` steps.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"scheduler.epochs must be a positive integer, got {epochs!r}")
+    if decay_after < 0:
+        raise ValueError(f"scheduler.decay_after must be >= 0, got {decay_after}")
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"scheduler.factor must be in (0, 1], got {factor}")
+    steps_per_epoch = max(1, total_steps // epochs)
+
+    def lr_factor(step: int) -> float:
+        epoch = step // steps_per_epoch  # 0-based
+        return factor ** max(0, epoch + 1 - decay_after)
+
+    return LambdaLR(optimizer, lr_factor)
