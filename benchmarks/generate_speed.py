@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from machine import machine_line
 
 from lmlab.decoding import beam_search, generate
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
@@ -118,6 +119,7 @@ def main() -> None:
     reference = None if args.no_hf else hf_model()
     cases = [Case(method, b) for method in ("greedy", "sample", "beam4") for b in (1, 8)]
 
+    print(machine_line())
     print(
         f"model 'small': {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
         f"vocab {config.vocab_size}, block {config.block_size}; prompt {PROMPT_LEN} tokens, "
@@ -155,6 +157,40 @@ def main() -> None:
             )
             line += f"{hf_speed:>10.0f}{speeds[True] / hf_speed:>10.2f}"
         print(line, flush=True)
+    mixed_lengths(model, new_tokens, repeats)
+
+
+def mixed_lengths(model: GPTLM, new_tokens: int, repeats: int) -> None:
+    """32 prompts of 2 to 40 tokens, greedy: one left-padded batch against one batch per length
+    (what lmlab did before the model took a padding mask)."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.linspace(2, 40, 32).round().long().tolist()
+    prompts = [torch.randint(0, VOCAB_SIZE, (n,), generator=generator) for n in lengths]
+    longest = max(lengths)
+    batch = torch.zeros(len(prompts), longest, dtype=torch.long)
+    pad = torch.ones(len(prompts), longest, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        batch[row, longest - len(prompt) :], pad[row, longest - len(prompt) :] = prompt, False
+    groups: dict[int, list[torch.Tensor]] = {}
+    for prompt in prompts:
+        groups.setdefault(len(prompt), []).append(prompt)
+
+    def grouped(n: int) -> None:
+        for same in groups.values():
+            generate(model, torch.stack(same), n, temperature=0.0)
+
+    def padded(n: int) -> None:
+        generate(model, batch, n, temperature=0.0, pad_mask=pad)
+
+    produced = len(prompts) * new_tokens
+    by_length = produced / median_seconds(grouped, new_tokens, repeats)
+    together = produced / median_seconds(padded, new_tokens, repeats)
+    print(
+        f"\n32 prompts of 2 to 40 tokens ({len(groups)} lengths), greedy, {new_tokens} new tokens:"
+        f"\n{'one batch per length':<28}{by_length:>10.0f}"
+        f"\n{'one left-padded batch':<28}{together:>10.0f}{together / by_length:>9.2f}x",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

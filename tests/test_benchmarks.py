@@ -19,6 +19,13 @@ def test_generate_speed_prints_every_method_and_batch():
     for cached, uncached, ratio in rows.values():  # tokens/s with and without the cache
         assert float(cached) > 0 and float(uncached) > 0
         assert float(ratio) == pytest.approx(float(cached) / float(uncached), abs=0.1)
+    grouped, padded = (
+        line.split() for line in result.stdout.splitlines() if line.startswith("one ")
+    )
+    assert float(grouped[-1]) > 0 and float(padded[-2]) > 0  # tokens/s of the mixed-length row
+    assert float(padded[-1].rstrip("x")) == pytest.approx(
+        float(padded[-2]) / float(grouped[-1]), abs=0.02
+    )
 
 
 def test_train_speed_prints_every_variant():

@@ -60,8 +60,8 @@ class Recorder(nn.Module):
         self.logits: list[Tensor] = []
         self.inputs: list[Tensor] = []
 
-    def forward(self, idx: Tensor, state: KVCache | None = None) -> Tensor:
-        logits = self.model(idx, state=state)
+    def forward(self, idx: Tensor, state: KVCache | None = None, pad_mask=None) -> Tensor:
+        logits = self.model(idx, state=state, pad_mask=pad_mask)
         self.inputs.append(idx.clone())
         self.logits.append(logits[:, -1].clone())
         return logits
@@ -84,7 +84,7 @@ class TableLM(nn.Module):
     def new_state(self, batch_size, max_len=None, device=None, dtype=None) -> KVCache:
         return KVCache(1, batch_size, 1, 1, max_len or 16, device=device)
 
-    def forward(self, idx: Tensor, state: KVCache | None = None) -> Tensor:
+    def forward(self, idx: Tensor, state: KVCache | None = None, pad_mask=None) -> Tensor:
         if state is not None:
             state.advance(idx.size(1))
         return self.table[idx]  # (B, T, V)

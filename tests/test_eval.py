@@ -107,7 +107,7 @@ class NextWord(nn.Module):
     def new_state(self, batch_size, max_len=None, device=None, dtype=None) -> KVCache:
         return KVCache(1, batch_size, 1, 1, max_len or 16, device=device)
 
-    def forward(self, idx: torch.Tensor, state=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, state=None, pad_mask=None) -> torch.Tensor:
         if state is not None:
             state.advance(idx.size(1))
         return 10.0 * F.one_hot((idx + 1) % len(VOCAB), len(VOCAB)).float() + self.zero

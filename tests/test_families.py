@@ -222,3 +222,28 @@ def test_validation_carries_the_state_across_the_whole_split() -> None:
             nll, count = nll + float(total), count + int(n)
     assert val_ppl(4, False) == pytest.approx(math.exp(nll / count), rel=1e-6)
     assert val_ppl(4, False) != pytest.approx(carried_short, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_mixed_length_batch_decodes_each_prompt_as_it_would_alone(name: str) -> None:
+    model = tiny(name, seed=6)
+    prompts = [tokens((1, n), seed=n)[0] for n in (2, 7, 4, 5)]
+    longest = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), longest, dtype=torch.long)
+    pad = torch.ones(len(prompts), longest, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        batch[row, longest - len(prompt) :], pad[row, longest - len(prompt) :] = prompt, False
+    together = generate(model, batch, 8, temperature=0.0, pad_mask=pad)
+    beams, scores = beam_search(model, batch, 6, num_beams=3, pad_mask=pad)
+    with torch.no_grad():  # the logits of each row's last prompt token, batched and alone
+        batched = model(batch, pad_mask=pad)[:, -1]
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, prompt[None], 8, temperature=0.0)
+        assert torch.equal(together[row, longest:], alone[0, len(prompt) :])
+        alone_beams, alone_score = beam_search(model, prompt[None], 6, num_beams=3)
+        assert torch.equal(beams[row, longest:], alone_beams[0, len(prompt) :])
+        torch.testing.assert_close(scores[row], alone_score[0], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                batched[row], model(prompt[None])[0, -1], rtol=1e-5, atol=1e-5
+            )

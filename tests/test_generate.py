@@ -66,6 +66,16 @@ def generate_config(*overrides: str):
         (["batch_size=0"], r"batch_size must be a positive integer"),
         (["ckpt=null"], r"pass ckpt= a \.ckpt file"),
         (["export="], r"export= needs a folder path"),
+        (["repetition_penalty=0"], r"repetition_penalty must be a number > 0, got 0"),
+        (["no_repeat_ngram_size=-1"], r"no_repeat_ngram_size must be an integer >= 0, got -1"),
+        (["min_new_tokens=40"], r"min_new_tokens=40 exceeds max_new_tokens=30"),
+        (["stop=['']"], r"stop strings must be non-empty text"),
+        (["strategy=beam", "early_stopping=sometimes"], r"early_stopping must be true, false"),
+        (
+            ["strategy=beam", "num_return_sequences=5"],
+            r"num_return_sequences must be an integer from 1 to num_beams=4",
+        ),
+        (["num_return_sequences=2"], r"num_return_sequences=2 needs strategy=beam"),
     ],
 )
 def test_bad_values_are_refused(overrides, message):
@@ -129,16 +139,16 @@ PROMPTS = [[0, 2, 3], [0, 5], [0, 2, 3, 4, 6], [0, 7], [0, 9, 9]]
 def test_batches_give_what_one_prompt_at_a_time_gives():
     model = tiny_model()
     greedy = Decoding(strategy="greedy")
-    together = continue_prompts(model, PROMPTS, 6, greedy, eos_id=0, batch_size=2)
-    alone = [continue_prompts(model, [p], 6, greedy, eos_id=0)[0] for p in PROMPTS]
+    together = continue_prompts(model, PROMPTS, 6, greedy, vocab=VOCAB, batch_size=2)
+    alone = [continue_prompts(model, [p], 6, greedy, vocab=VOCAB)[0] for p in PROMPTS]
     assert together == alone
     assert all(len(samples[0]) == 6 for samples in together)
 
 
 def test_greedy_equals_beam_search_with_one_beam():
     model = tiny_model(seed=1)
-    greedy = continue_prompts(model, PROMPTS, 8, Decoding(strategy="greedy"), eos_id=0)
-    beam = continue_prompts(model, PROMPTS, 8, Decoding(strategy="beam", num_beams=1), eos_id=0)
+    greedy = continue_prompts(model, PROMPTS, 8, Decoding(strategy="greedy"), vocab=VOCAB)
+    beam = continue_prompts(model, PROMPTS, 8, Decoding(strategy="beam", num_beams=1), vocab=VOCAB)
     assert greedy == beam
 
 
@@ -148,7 +158,7 @@ def test_same_seed_same_samples():
 
     def run(seed: int):
         generator = torch.Generator().manual_seed(seed)
-        return continue_prompts(model, PROMPTS, 6, decoding, eos_id=0, generator=generator)
+        return continue_prompts(model, PROMPTS, 6, decoding, vocab=VOCAB, generator=generator)
 
     first = run(7)
     assert first == run(7)
@@ -160,7 +170,7 @@ def test_stop_at_eos_ends_continuations_before_eos():
     model = tiny_model(seed=3)
     decoding = Decoding(strategy="sample", temperature=5.0, stop_at_eos=True)  # ~uniform
     generator = torch.Generator().manual_seed(0)
-    results = continue_prompts(model, PROMPTS * 4, 12, decoding, eos_id=0, generator=generator)
+    results = continue_prompts(model, PROMPTS * 4, 12, decoding, vocab=VOCAB, generator=generator)
     tokens = [samples[0] for samples in results]
     assert all(0 not in t and len(t) <= 12 for t in tokens)
     assert any(len(t) < 12 for t in tokens)
@@ -247,7 +257,7 @@ def test_generate_end_to_end(trained_run, tmp_path):
         encode_prompts(texts, vocab, model.config.block_size),
         6,
         decoding,
-        eos_id=vocab.eos_id,
+        vocab=vocab,
         generator=torch.Generator().manual_seed(11),
     )
     expected = [
@@ -273,7 +283,7 @@ def test_streamed_text_is_the_line_the_batch_path_prints(strategy: str, stop_at_
         prompt,
         40,
         decoding,
-        eos_id=VOCAB.eos_id,
+        vocab=VOCAB,
         generator=torch.Generator().manual_seed(5),
     )
     (line,) = format_continuations(["the company"], [batched], VOCAB, "text")
@@ -323,3 +333,18 @@ def test_context_is_checked_against_what_the_model_can_read():
         check_context(32, model)
     with pytest.raises(UserError, match=r"context must be a positive integer or null"):
         Decoding(context=0).check(max_new_tokens=1)
+
+
+def test_an_unknown_suppressed_word_warns_and_decoding_goes_on(capsys):
+    decoding = check_generate_config(generate_config("suppress_tokens=[zzyzx,w1]"))
+    controls = decoding.controls(VOCAB)
+    assert controls.suppress_tokens == (VOCAB.index["w1"],)
+    assert "warning: suppress_tokens: zzyzx not in the vocabulary" in capsys.readouterr().err
+
+
+def test_controls_reach_decoding_from_the_config():
+    decoding = check_generate_config(
+        generate_config("strategy=greedy", "no_repeat_ngram_size=1", "max_new_tokens=6")
+    )
+    (words,) = continue_prompts(tiny_model(seed=2), [[0, 2]], 6, decoding, vocab=VOCAB)
+    assert len(set(words[0])) == len(words[0]) and 2 not in words[0]  # no word twice

@@ -22,7 +22,7 @@ def test_grouped_query_attention_equals_repeating_the_key_value_heads() -> None:
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
     cos, sin = rope_tables(8, torch.arange(7), 10_000.0)
     with torch.no_grad():
-        got = attention(x, cos, sin, None)
+        got = attention(x, cos, sin, None, None)
         q = rotate(attention.q(x).view(2, 7, 4, 8).transpose(1, 2), cos, sin)
         k = rotate(attention.k(x).view(2, 7, 2, 8).transpose(1, 2), cos, sin)
         v = attention.v(x).view(2, 7, 2, 8).transpose(1, 2)

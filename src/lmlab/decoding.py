@@ -23,6 +23,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -206,6 +207,111 @@ def sample_next(
 
 
 # ---------------------------------------------------------------------------
+# Controls on the scores: pure functions of the logits (or, in beam search, the
+# log-probabilities) and the sequence so far, with Hugging Face `generate`'s
+# meaning. `real` (B, n) marks the sequence's real tokens (False at left
+# padding), which alone count as "already in the sequence".
+
+
+def repetition_penalty(scores: Tensor, tokens: Tensor, penalty: float, real: Tensor) -> Tensor:
+    """Every token already in its row (prompt and continuation) made less likely (CTRL, HF).
+
+    A positive score is divided by `penalty`, a negative one multiplied by it: penalty
+    1 changes nothing, > 1 discourages repeats, < 1 encourages them.
+    """
+    if penalty == 1.0:
+        return scores
+    seen = torch.zeros_like(scores, dtype=torch.long).scatter_add_(1, tokens, real.long()) > 0
+    penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def banned_ngram_tokens(tokens: Tensor, n: int, vocab_size: int, real: Tensor) -> Tensor:
+    """(B, vocab) True for each token that would repeat an n-gram already in its row (HF's
+    `no_repeat_ngram_size`): the row's last n - 1 tokens followed by it occurred before."""
+    banned = torch.zeros(tokens.size(0), vocab_size, dtype=torch.long, device=tokens.device)
+    if n < 1 or tokens.size(1) < n:
+        return banned.bool()
+    grams = tokens.unfold(1, n, 1)  # (B, G, n): every n-gram of the row
+    whole = real.unfold(1, n, 1).all(-1)  # (B, G): n-grams of real tokens only
+    if n == 1:
+        match = whole
+    else:
+        prefix = tokens[:, tokens.size(1) - n + 1 :]  # (B, n - 1): what the next token follows
+        prefix_real = real[:, tokens.size(1) - n + 1 :].all(-1, keepdim=True)
+        match = (grams[..., :-1] == prefix[:, None]).all(-1) & whole & prefix_real
+    return banned.scatter_add_(1, grams[..., -1], match.long()) > 0
+
+
+def suppress(scores: Tensor, token_ids: Tensor) -> Tensor:
+    """`token_ids` (k,) made impossible (HF's `suppress_tokens`)."""
+    if token_ids.numel() == 0:
+        return scores
+    return scores.index_fill(-1, token_ids, float("-inf"))
+
+
+def hold_back_eos(scores: Tensor, eos_id: int, generated: int, min_new_tokens: int) -> Tensor:
+    """`eos_id` made impossible until `min_new_tokens` tokens are generated (HF's meaning)."""
+    if generated >= min_new_tokens:
+        return scores
+    return scores.index_fill(-1, torch.tensor([eos_id], device=scores.device), float("-inf"))
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The controls on the scores, applied in this order before top-k, temperature and top-p:
+    repetition penalty, no-repeat n-grams, suppressed tokens, then `<eos>` held back until
+    `min_new_tokens` (in beam search: on the log-probabilities, as Hugging Face does)."""
+
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    suppress_tokens: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+
+    def check(self, max_new_tokens: int, vocab_size: int | None = None) -> None:
+        """Raise `ValueError` for the first bad value."""
+        if not (is_real(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(
+                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}; "
+                "1.0 changes nothing, 1.2 discourages repeating words"
+            )
+        if not (is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0):
+            raise ValueError(
+                f"no_repeat_ngram_size must be an integer >= 0, got "
+                f"{self.no_repeat_ngram_size!r}; 0 turns it off, 3 forbids repeating a trigram"
+            )
+        if not (is_int(self.min_new_tokens) and self.min_new_tokens >= 0):
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.min_new_tokens > max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={max_new_tokens}; "
+                "raise max_new_tokens or lower min_new_tokens"
+            )
+        for token in self.suppress_tokens:
+            if not (is_int(token) and token >= 0 and (vocab_size is None or token < vocab_size)):
+                raise ValueError(f"suppress_tokens holds {token!r}, not a token id")
+
+    @property
+    def active(self) -> bool:
+        return self != Controls()
+
+    def apply(
+        self, scores: Tensor, tokens: Tensor, real: Tensor, generated: int, eos_id: int | None
+    ) -> Tensor:
+        """`scores` (B, vocab) of the token after `tokens` (B, n), `generated` of them new."""
+        scores = repetition_penalty(scores, tokens, self.repetition_penalty, real)
+        if self.no_repeat_ngram_size:
+            banned = banned_ngram_tokens(tokens, self.no_repeat_ngram_size, scores.size(-1), real)
+            scores = scores.masked_fill(banned, float("-inf"))
+        if self.suppress_tokens:
+            ids = torch.tensor(self.suppress_tokens, device=scores.device)
+            scores = suppress(scores, ids)
+        if eos_id is not None and self.min_new_tokens:
+            scores = hold_back_eos(scores, eos_id, generated, self.min_new_tokens)
+        return scores
+
+
+# ---------------------------------------------------------------------------
 # Driving the model.
 
 
@@ -243,7 +349,8 @@ class _Context:
     Keeps the model's input within its limits as the module docstring says: a
     window of `context` positions (default the model's `max_context`; none for
     a Llama or an LSTM), and a KV cache of that size (or of the training window,
-    `block_size`, where the model has no limit).
+    `block_size`, where the model has no limit). `pad` (B, total) marks the
+    left padding of prompts of different lengths; the model never reads it.
     """
 
     def __init__(
@@ -254,9 +361,11 @@ class _Context:
         use_cache: bool,
         device: torch.device,
         context: int | None = None,
+        pad: Tensor | None = None,
     ) -> None:
         self.model = model
         self.limit: int | None = context or model.max_context
+        self.pad = pad  # (B, total_len), True at padding; None: no row is padded
         self.state: State | None = None
         self.capacity: int | None = None  # positions the state holds; None: any number
         self.seen = 0  # tokens of the sequence the state already holds, counted from its start
@@ -268,23 +377,31 @@ class _Context:
             self.state = model.new_state(batch_size, max_len=size, device=device, dtype=dtype)
             self.capacity = self.state.capacity
 
+    def _read(self, tokens: Tensor, begin: int, end: int) -> Tensor:
+        """The model's logits for tokens [begin, end) of the sequence, its padding marked."""
+        pad = None if self.pad is None else self.pad[:, begin:end]
+        if pad is not None and not bool(pad.any()):
+            pad = None
+        return self.model(tokens[:, begin:end], state=self.state, pad_mask=pad)
+
     def logits(self, tokens: Tensor) -> Tensor:
         """Logits (B, vocab) for the position after `tokens` (B, n), the whole sequence so far."""
         n = tokens.size(1)
         if self.state is None:
-            return self.model(tokens if self.limit is None else tokens[:, -self.limit :])[:, -1]
+            begin = 0 if self.limit is None else max(0, n - self.limit)
+            return self._read(tokens, begin, n)[:, -1]
         capacity = self.capacity
         if self.state.length == 0:  # prefill: the longest suffix that fits
-            fresh = tokens if capacity is None else tokens[:, -capacity:]
+            begin = 0 if capacity is None else max(0, n - capacity)
         elif capacity is not None and self.state.length + n - self.seen > capacity:
             # Positions are absolute, so a full cache cannot just drop its oldest entry: start
             # over from the newest half, leaving room for capacity // 2 cheap steps.
             self.state.reset()
-            fresh = tokens[:, -max(1, capacity // 2) :]
+            begin = max(0, n - max(1, capacity // 2))
         else:
-            fresh = tokens[:, self.seen :]
+            begin = self.seen
         self.seen = n
-        return self.model(fresh, state=self.state)[:, -1]
+        return self._read(tokens, begin, n)[:, -1]
 
     def reorder(self, index: Tensor, tokens: Tensor) -> None:
         """Keep batch rows `index`, in that order (beams that survived a step).
@@ -294,6 +411,8 @@ class _Context:
         float rounding between batch rows), so a KV cache copies only what follows the
         first position where a row and its source differ.
         """
+        if self.pad is not None:
+            self.pad = self.pad[index]
         if self.state is None:
             return
         keep = 0
@@ -318,14 +437,21 @@ def generate(
     use_cache: bool = True,
     on_token: Callable[[Tensor], None] | None = None,
     context: int | None = None,
+    controls: Controls = Controls(),
+    pad_mask: Tensor | None = None,
+    stop: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Prompt plus up to `max_new_tokens` new tokens, (B, T + new).
 
-    `prompt_ids` (B, T) holds B prompts of the same length T: the model has no
-    padding mask, so group prompts by length (or left-pad them with tokens you
-    accept as context). With `stop_at_eos`, a row that has emitted `eos_id`
+    `prompt_ids` (B, T) holds B prompts; prompts of different lengths are
+    left-padded (with any token id) and `pad_mask` (B, T) is True at the
+    padding, which the model never reads: each row continues exactly as its
+    prompt alone would. `controls` (repetition penalty, no-repeat n-grams,
+    suppressed tokens, minimum length) act on the logits before top-k,
+    temperature and top-p. With `stop_at_eos`, a row that has emitted `eos_id`
     emits `eos_id` from then on, and the loop stops early, returning fewer
-    columns, once every row has. `use_cache=False` recomputes the whole
+    columns, once every row has. `stop(new_tokens)` (B, new) -> (B,) bool, if
+    given, ends rows the same way (a stop string in their text). `use_cache=False` recomputes the whole
     context every step: slower, and the reference the cached path is tested
     against. Sequences longer than the window (`context`, default the model's
     `max_context`) shift it as the module docstring says. `on_token(next_ids)`,
@@ -342,31 +468,58 @@ def generate(
         stop_at_eos=stop_at_eos,
         vocab_size=vocab_size,
     )
+    controls.check(max_new_tokens, vocab_size)
     _check_prompt(prompt_ids, vocab_size)
     batch_size, prompt_len = prompt_ids.shape
-    tokens = prompt_ids.new_empty(batch_size, prompt_len + max_new_tokens)
+    total = prompt_len + max_new_tokens
+    tokens = prompt_ids.new_empty(batch_size, total)
     tokens[:, :prompt_len] = prompt_ids
+    pad = _sequence_padding(pad_mask, prompt_ids, total)
     length = prompt_len
     with _inference(model):
-        window = _Context(
-            model, batch_size, prompt_len + max_new_tokens, use_cache, prompt_ids.device, context
-        )
+        window = _Context(model, batch_size, total, use_cache, prompt_ids.device, context, pad)
         done = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
-        for _ in range(max_new_tokens):
+        ends = stop_at_eos or stop is not None
+        for step in range(max_new_tokens):
             logits = window.logits(tokens[:, :length])
+            if controls.active:
+                real = torch.ones_like(tokens[:, :length], dtype=torch.bool)
+                if pad is not None:
+                    real = ~pad[:, :length]
+                logits = controls.apply(logits, tokens[:, :length], real, step, eos_id)
             next_ids = sample_next(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
+            if ends:
+                filler = tokens[:, length - 1] if eos_id is None else eos_id
+                next_ids = torch.where(done, filler, next_ids)
             if stop_at_eos:
-                next_ids = next_ids.masked_fill(done, eos_id)
                 done |= next_ids == eos_id
             tokens[:, length] = next_ids
             length += 1
+            if stop is not None:
+                done |= stop(tokens[:, prompt_len:length])
             if on_token is not None:
                 on_token(next_ids)
-            if stop_at_eos and bool(done.all()):
+            if ends and bool(done.all()):
                 break
     return tokens[:, :length].clone()
+
+
+def _sequence_padding(pad_mask: Tensor | None, prompt_ids: Tensor, total: int) -> Tensor | None:
+    """(B, total) True at the prompts' left padding, False at every other position."""
+    if pad_mask is None or not bool(pad_mask.any()):
+        return None
+    if pad_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"pad_mask must have the prompts' shape {tuple(prompt_ids.shape)}, "
+            f"got {tuple(pad_mask.shape)}"
+        )
+    if bool((pad_mask[:, 1:] & ~pad_mask[:, :-1]).any()) or bool(pad_mask[:, -1].any()):
+        raise ValueError("pad_mask must mark left padding: each row's padding first, then tokens")
+    pad = torch.zeros(prompt_ids.size(0), total, dtype=torch.bool, device=prompt_ids.device)
+    pad[:, : prompt_ids.size(1)] = pad_mask
+    return pad
 
 
 def beam_search(
@@ -380,18 +533,28 @@ def beam_search(
     stop_at_eos: bool = False,
     use_cache: bool = True,
     context: int | None = None,
+    controls: Controls = Controls(),
+    pad_mask: Tensor | None = None,
+    early_stopping: bool | str = True,
+    num_return_sequences: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """The best continuation of each prompt by beam search: (sequences (B, T + L), scores (B,)).
+    """The best continuations of each prompt by beam search: (sequences, scores).
 
-    Beams are ranked by their summed log-probabilities. A finished hypothesis
-    (one that emitted `eos_id` with `stop_at_eos`, or any beam still running
-    after `max_new_tokens`) scores sum_logprob / generated_len**length_penalty,
-    where generated_len counts the new tokens, eos included, as in Hugging
-    Face transformers. A prompt is done once `num_beams` hypotheses have
-    finished (Hugging Face's `early_stopping=True`, fairseq's rule). Sequences
-    shorter than the longest are padded with `eos_id`. With `num_beams=1` this
-    is greedy decoding. Prompts share one length and long sequences shift
-    their window, as in `generate`.
+    Beams are ranked by their summed log-probabilities (after `controls`, which
+    act on the log-probabilities here, as in Hugging Face). A finished
+    hypothesis (one that emitted `eos_id` with `stop_at_eos`, or any beam still
+    running after `max_new_tokens`) scores sum_logprob /
+    generated_len**length_penalty, where generated_len counts the new tokens,
+    eos included, as in Hugging Face transformers; each prompt keeps its
+    `num_beams` best. `early_stopping` has Hugging Face's meaning: True, a
+    prompt is done once `num_beams` hypotheses have finished (fairseq's rule);
+    False, once no running beam can still beat the worst of them at its current
+    length; "never", at any length up to `max_new_tokens`. The result holds the
+    `num_return_sequences` best hypotheses of each prompt, best first: (B * n,
+    T + L) sequences, shorter ones padded with `eos_id`, and (B * n,) scores.
+    With `num_beams=1` this is greedy decoding. Prompts of different lengths
+    are left-padded with `pad_mask`, and long sequences shift their window, as
+    in `generate`.
     """
     vocab_size = model.config.vocab_size
     check_decoding_args(
@@ -402,30 +565,34 @@ def beam_search(
         stop_at_eos=stop_at_eos,
         vocab_size=vocab_size,
     )
+    check_beam_args(num_beams, early_stopping, num_return_sequences)
+    controls.check(max_new_tokens, vocab_size)
     _check_prompt(prompt_ids, vocab_size)
     batch_size, prompt_len = prompt_ids.shape
     device = prompt_ids.device
+    returned = num_return_sequences
     if max_new_tokens == 0:
-        return prompt_ids.clone(), torch.zeros(batch_size, device=device)
+        sequences = prompt_ids.repeat_interleave(returned, dim=0)
+        return sequences, torch.zeros(batch_size * returned, device=device)
 
     beams = num_beams
+    total = prompt_len + max_new_tokens
     # Candidates per prompt: with 2 * beams, at least `beams` are not eos (one eos per beam).
     num_candidates = min(2 * beams if stop_at_eos else beams, beams * vocab_size)
     rank = torch.arange(num_candidates, device=device)
     batch_offset = torch.arange(batch_size, device=device)[:, None] * beams  # (B, 1)
-    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch_size)]
+    finished = [_Hypotheses(beams, length_penalty, early_stopping) for _ in range(batch_size)]
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    pad = _sequence_padding(pad_mask, prompt_ids, total)
 
     with _inference(model):
-        window = _Context(
-            model, batch_size, prompt_len + max_new_tokens, use_cache, device, context
-        )
+        window = _Context(model, batch_size, total, use_cache, device, context, pad)
         logits = window.logits(prompt_ids)  # (B, vocab)
         # All beams start as the prompt; prefill once, then copy rows.
         rows = torch.arange(batch_size, device=device).repeat_interleave(beams)
         window.reorder(rows, prompt_ids)
         logits = logits[rows]  # (B * beams, vocab)
-        tokens = prompt_ids.new_empty(batch_size * beams, prompt_len + max_new_tokens)
+        tokens = prompt_ids.new_empty(batch_size * beams, total)
         tokens[:, :prompt_len] = prompt_ids[rows]
         # Identical beams would yield the same candidate `beams` times: expand only the first.
         beam_scores = torch.full((batch_size, beams), float("-inf"), device=device)
@@ -436,6 +603,11 @@ def beam_search(
             if step > 0:
                 logits = window.logits(tokens[:, :length])
             logprobs = F.log_softmax(logits.float(), dim=-1)  # (B * beams, vocab)
+            if controls.active:
+                real = torch.ones_like(tokens[:, :length], dtype=torch.bool)
+                if window.pad is not None:
+                    real = ~window.pad[:, :length]
+                logprobs = controls.apply(logprobs, tokens[:, :length], real, step, eos_id)
             scores = (beam_scores.view(-1, 1) + logprobs).view(batch_size, -1)
             cand_scores, cand_index = scores.topk(num_candidates, dim=-1)  # (B, C), descending
             cand_beam = torch.div(cand_index, vocab_size, rounding_mode="floor")
@@ -450,17 +622,18 @@ def beam_search(
                 for b, c in new_finished.tolist():
                     row = b * beams + int(cand_beam[b, c])
                     hypothesis = torch.cat([tokens[row, :length], cand_token[b, c, None]])
-                    score = float(cand_scores[b, c]) / (step + 1) ** length_penalty
-                    finished[b].append((score, hypothesis))
-                    if len(finished[b]) >= beams:
-                        done[b] = True
-                if bool(done.all()):
-                    break
+                    finished[b].add(float(cand_scores[b, c]), step + 1, hypothesis)
                 # The best `beams` candidates that are not eos carry on, best first.
                 pick = (is_eos.long() * num_candidates + rank).argsort(dim=-1)[:, :beams]
                 cand_scores = cand_scores.gather(1, pick)
                 cand_beam = cand_beam.gather(1, pick)
                 cand_token = cand_token.gather(1, pick)
+                best_running = cand_scores[:, 0].tolist()
+                for b in range(batch_size):
+                    if not done[b]:
+                        done[b] = finished[b].is_done(best_running[b], step + 1, max_new_tokens)
+                if bool(done.all()):
+                    break
 
             beam_scores = cand_scores
             rows = (batch_offset + cand_beam).view(-1)
@@ -473,14 +646,59 @@ def beam_search(
                     continue
                 for k in range(beams):
                     if math.isfinite(float(beam_scores[b, k])):
-                        score = float(beam_scores[b, k]) / max_new_tokens**length_penalty
-                        finished[b].append((score, tokens[b * beams + k]))
+                        finished[b].add(
+                            float(beam_scores[b, k]), max_new_tokens, tokens[b * beams + k]
+                        )
 
-    best = [max(hypotheses, key=lambda pair: pair[0]) for hypotheses in finished]
+    best = [hypothesis for prompt in finished for hypothesis in prompt.best(returned)]
     longest = max(hypothesis.numel() for _, hypothesis in best)
-    pad = 0 if eos_id is None else eos_id  # lengths differ only when eos ends some
-    sequences = prompt_ids.new_full((batch_size, longest), pad)
-    for b, (_, hypothesis) in enumerate(best):
-        sequences[b, : hypothesis.numel()] = hypothesis
+    filler = 0 if eos_id is None else eos_id  # lengths differ only when eos ends some
+    sequences = prompt_ids.new_full((len(best), longest), filler)
+    for i, (_, hypothesis) in enumerate(best):
+        sequences[i, : hypothesis.numel()] = hypothesis
     scores = torch.tensor([score for score, _ in best], device=device)
     return sequences, scores
+
+
+EARLY_STOPPING = (True, False, "never")
+
+
+def check_beam_args(num_beams: int, early_stopping: bool | str, num_return_sequences: int) -> None:
+    """Raise `ValueError` for a bad `early_stopping` or `num_return_sequences`."""
+    if early_stopping not in EARLY_STOPPING or not isinstance(early_stopping, bool | str):
+        raise ValueError(
+            f"early_stopping must be true, false or never, got {early_stopping!r}; true stops "
+            "a prompt once num_beams hypotheses have finished (Hugging Face's meaning)"
+        )
+    if not (is_int(num_return_sequences) and 1 <= num_return_sequences <= num_beams):
+        raise ValueError(
+            f"num_return_sequences must be an integer from 1 to num_beams={num_beams}, got "
+            f"{num_return_sequences!r}; a beam search returns at most its beams"
+        )
+
+
+class _Hypotheses:
+    """The `size` best finished hypotheses of one prompt (Hugging Face's BeamHypotheses)."""
+
+    def __init__(self, size: int, length_penalty: float, early_stopping: bool | str) -> None:
+        self.size, self.length_penalty, self.early_stopping = size, length_penalty, early_stopping
+        self.kept: list[tuple[float, Tensor]] = []
+
+    def add(self, sum_logprobs: float, generated: int, hypothesis: Tensor) -> None:
+        self.kept.append((sum_logprobs / generated**self.length_penalty, hypothesis))
+        self.kept.sort(key=lambda pair: pair[0], reverse=True)
+        del self.kept[self.size :]
+
+    def is_done(self, best_running: float, generated: int, max_new_tokens: int) -> bool:
+        """No running beam (the best sums `best_running`) can enter the kept ones any more."""
+        if len(self.kept) < self.size:
+            return False
+        if self.early_stopping is True:
+            return True
+        longest = generated
+        if self.early_stopping == "never" and self.length_penalty > 0:
+            longest = max_new_tokens  # a longer hypothesis divides by more
+        return self.kept[-1][0] >= best_running / longest**self.length_penalty
+
+    def best(self, n: int) -> list[tuple[float, Tensor]]:
+        return self.kept[:n]

@@ -23,6 +23,7 @@ from lmlab.download import is_url
 from lmlab.errors import UserError
 from lmlab.generation import (
     Decoding,
+    continuation_text,
     continue_prompts,
     prompt_ids,
     resolve_device,
@@ -177,15 +178,12 @@ def continuation_bleu(
     prompts = [prompt_ids(words[:prompt_words], vocab, model.max_context) for words in sentences]
     lengths = [len(words) - prompt_words for words in sentences]
     continuations = continue_prompts(
-        model,
-        prompts,
-        lengths,
-        decoding,
-        eos_id=vocab.eos_id,
-        generator=generator,
-        batch_size=batch_size,
+        model, prompts, lengths, decoding, vocab=vocab, generator=generator, batch_size=batch_size
     )
-    predictions = [vocab.decode(until_eos(samples[0], vocab.eos_id)) for samples in continuations]
+    predictions = [
+        continuation_text(until_eos(samples[0], vocab.eos_id), vocab, decoding.stop)
+        for samples in continuations
+    ]
     references = [[" ".join(words[prompt_words:])] for words in sentences]
     score = BLEUScore(n_gram=n_gram, smooth=smooth)(predictions, references)
     examples = [

@@ -2,8 +2,8 @@
 
 `main` holds generate.py's steps; eval.py uses the rest for BLEU of continuations. A prompt starts a
 sentence: it is fed after `<eos>`, as every sentence follows one in training.
-The model has no padding mask, so prompts are grouped by token length and each
-group is decoded as one batch; nothing is padded.
+Prompts of any lengths share a batch: shorter ones are left-padded, and the
+model never reads the padding, so each continues exactly as it would alone.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TextIO
@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from lmlab.checkpoint import export, load_model
 from lmlab.checks import is_int
-from lmlab.decoding import beam_search, check_decoding_args, generate
+from lmlab.decoding import Controls, beam_search, check_beam_args, check_decoding_args, generate
 from lmlab.errors import UserError
 from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
@@ -50,11 +50,49 @@ class Decoding:
     num_samples: int = 1
     stop_at_eos: bool = False
     context: int | None = None  # positions the model reads; None: the model's own window
+    # Hugging Face generate's controls, with its names and meaning (lmlab.decoding.Controls).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    suppress_tokens: tuple[str, ...] = ()  # words that are never generated
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()  # stop strings: the text ends right before the first one
+    early_stopping: bool | str = True  # beam: True, False or "never"
+    num_return_sequences: int = 1  # beam: the best n hypotheses of each prompt
 
     @classmethod
     def from_config(cls, node: Mapping) -> Decoding:
         """The fields of `node` that name a `Decoding` field; the rest keep their defaults."""
-        return cls(**{f.name: node[f.name] for f in fields(cls) if f.name in node})
+        values = {f.name: node[f.name] for f in fields(cls) if f.name in node}
+        for name in ("suppress_tokens", "stop"):  # one value, or a list of them
+            value = values.get(name)
+            if value is None:
+                values[name] = ()
+            elif isinstance(value, str) or not isinstance(value, Iterable):
+                values[name] = (value,)
+            else:
+                values[name] = tuple(value)
+        return cls(**values)
+
+    def controls(self, vocab: Vocabulary) -> Controls:
+        """The controls on the scores, with suppressed words as ids; unknown words warn."""
+        unknown = [w for w in self.suppress_tokens if w not in vocab.index]
+        if unknown:
+            warn(
+                f"suppress_tokens: {', '.join(map(str, unknown))} not in the vocabulary; "
+                "nothing to suppress there"
+            )
+        ids = tuple(vocab.index[w] for w in self.suppress_tokens if w in vocab.index)
+        return Controls(
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            suppress_tokens=ids,
+            min_new_tokens=self.min_new_tokens,
+        )
+
+    @property
+    def returned(self) -> int:
+        """Continuations per prompt."""
+        return self.num_return_sequences if self.strategy == "beam" else self.num_samples
 
     def check(self, max_new_tokens: int, vocab_size: int | None = None) -> Decoding:
         """Raise `UserError` on the first bad value; return self with top_k clipped to the vocabulary.
@@ -88,6 +126,25 @@ class Decoding:
                 raise UserError(str(error).replace("=None", "=null")) from None
         for warning in caught:
             warn(str(warning.message))
+        try:
+            Controls(
+                repetition_penalty=self.repetition_penalty,
+                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                min_new_tokens=self.min_new_tokens,
+            ).check(max_new_tokens)
+            check_beam_args(self.num_beams, self.early_stopping, self.num_return_sequences)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if any(not isinstance(text, str) or not text for text in self.stop):
+            raise UserError(
+                f"stop strings must be non-empty text, got {list(self.stop)!r}; "
+                'e.g. stop="<eos>" or stop=[".","<eos>"]'
+            )
+        if self.num_return_sequences > 1 and self.strategy != "beam":
+            raise UserError(
+                f"num_return_sequences={self.num_return_sequences} needs strategy=beam; "
+                "sampling gives several continuations with num_samples"
+            )
         if self.num_samples > 1 and self.strategy != "sample":
             raise UserError(
                 f"num_samples={self.num_samples} needs strategy=sample; greedy decoding and "
@@ -163,33 +220,42 @@ def continue_prompts(
     max_new_tokens: int | Sequence[int],
     decoding: Decoding,
     *,
-    eos_id: int,
+    vocab: Vocabulary,
     generator: torch.Generator | None = None,
     batch_size: int = 32,
 ) -> list[list[list[int]]]:
-    """New token ids, `result[prompt][sample]`; a continuation ends before its `<eos>` with `stop_at_eos`.
+    """New token ids, `result[prompt][i]` for each of its `decoding.returned` continuations.
 
-    `max_new_tokens` is one number or one per prompt. Prompts of one token
-    length (and one `max_new_tokens`) are decoded together, in input order, in
-    batches of `batch_size` prompts, so a seeded `generator` gives the same text
-    on every run.
+    `max_new_tokens` is one number or one per prompt. Prompts are decoded in
+    input order, `batch_size` at a time whatever their lengths: shorter ones
+    are left-padded, and the model reads no padding, so each continuation is
+    the one its prompt gets alone (the same tokens when greedy; a seeded
+    `generator` gives the same text on every run). With `stop_at_eos` a
+    continuation ends before its `<eos>`; a stop string ends greedy and sampled
+    rows early (the text itself is cut by `continuation_text`).
     """
     if isinstance(max_new_tokens, int):
         max_new_tokens = [max_new_tokens] * len(prompts)
-    samples = decoding.num_samples
+    repeats = decoding.num_samples if decoding.strategy == "sample" else 1
+    returned = decoding.returned
     device = next(model.parameters()).device
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (prompt, new) in enumerate(zip(prompts, max_new_tokens, strict=True)):
-        groups.setdefault((len(prompt), new), []).append(i)
-    results: list[list[list[int]]] = [[[] for _ in range(samples)] for _ in prompts]
-    batches = [
-        (length, new, members[start : start + batch_size])
-        for (length, new), members in sorted(groups.items())
-        for start in range(0, len(members), batch_size)
+    controls = decoding.controls(vocab)
+    stop = _stop_rows(decoding.stop, vocab) if decoding.stop else None
+    results: list[list[list[int]]] = [[] for _ in prompts]
+    chunks = [
+        list(range(i, min(i + batch_size, len(prompts))))
+        for i in range(0, len(prompts), batch_size)
     ]
-    for length, new, chunk in track(batches, "decoding"):
-        ids = torch.tensor([list(prompts[i]) for i in chunk], device=device)
-        ids = ids.repeat_interleave(samples, dim=0)  # (len(chunk) * samples, length)
+    for chunk in track(chunks, "decoding"):
+        longest = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), longest), vocab.eos_id, dtype=torch.long)
+        pad = torch.ones(len(chunk), longest, dtype=torch.bool)
+        for row, i in enumerate(chunk):
+            ids[row, longest - len(prompts[i]) :] = torch.tensor(list(prompts[i]))
+            pad[row, longest - len(prompts[i]) :] = False
+        ids = ids.repeat_interleave(repeats, dim=0).to(device)
+        pad = pad.repeat_interleave(repeats, dim=0).to(device)
+        new = max(max_new_tokens[i] for i in chunk)
         if decoding.strategy == "beam":
             out, _ = beam_search(
                 model,
@@ -197,9 +263,13 @@ def continue_prompts(
                 new,
                 num_beams=decoding.num_beams,
                 length_penalty=decoding.length_penalty,
-                eos_id=eos_id,
+                eos_id=vocab.eos_id,
                 stop_at_eos=decoding.stop_at_eos,
                 context=decoding.context,
+                controls=controls,
+                pad_mask=pad,
+                early_stopping=decoding.early_stopping,
+                num_return_sequences=returned,
             )
         else:
             out = generate(
@@ -209,16 +279,44 @@ def continue_prompts(
                 temperature=0.0 if decoding.strategy == "greedy" else decoding.temperature,
                 top_k=decoding.top_k,
                 top_p=decoding.top_p,
-                eos_id=eos_id,
+                eos_id=vocab.eos_id,
                 stop_at_eos=decoding.stop_at_eos,
                 context=decoding.context,
                 generator=generator,
+                controls=controls,
+                pad_mask=pad,
+                stop=stop,
             )
-        for row, tokens in enumerate(out[:, length:].tolist()):
+        for row, tokens in enumerate(out[:, longest:].tolist()):
+            prompt = chunk[row // returned]
+            tokens = tokens[: max_new_tokens[prompt]]
             if decoding.stop_at_eos:
-                tokens = until_eos(tokens, eos_id)
-            results[chunk[row // samples]][row % samples] = tokens
+                tokens = until_eos(tokens, vocab.eos_id)
+            results[prompt].append(tokens)
     return results
+
+
+def _stop_rows(stops: Sequence[str], vocab: Vocabulary):
+    """For `generate`: which rows' new text holds a stop string, (B,) bool."""
+
+    def stopped(new_tokens: torch.Tensor) -> torch.Tensor:
+        texts = [vocab.decode(row) for row in new_tokens.tolist()]
+        return torch.tensor(
+            [any(stop in text for stop in stops) for text in texts], device=new_tokens.device
+        )
+
+    return stopped
+
+
+def until_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to, not including, the first of `stops` in it (trailing space dropped)."""
+    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+    return text if cut < 0 else text[:cut].rstrip()
+
+
+def continuation_text(tokens: Sequence[int], vocab: Vocabulary, stops: Sequence[str] = ()) -> str:
+    """The words of a continuation, ended before its first stop string."""
+    return until_stop(vocab.decode(tokens), stops)
 
 
 def check_context(context: int | None, model: nn.Module) -> int | None:
@@ -233,8 +331,9 @@ def check_context(context: int | None, model: nn.Module) -> int | None:
 
 
 def streamable(decoding: Decoding) -> bool:
-    """Whether words can be shown as they are chosen: one continuation, not a beam search."""
-    return decoding.strategy != "beam" and decoding.num_samples == 1
+    """Whether words can be shown as they are chosen: one continuation, not a beam search, and
+    no stop string (which may end the text inside words already shown)."""
+    return decoding.strategy != "beam" and decoding.num_samples == 1 and not decoding.stop
 
 
 def stream_continuation(
@@ -277,6 +376,7 @@ def stream_continuation(
         generator=generator,
         on_token=show,
         context=decoding.context,
+        controls=decoding.controls(vocab),
     )
     out.write("\n")
     out.flush()
@@ -305,11 +405,12 @@ def format_continuations(
     continuations: Sequence[Sequence[Sequence[int]]],
     vocab: Vocabulary,
     output: str,
+    stops: Sequence[str] = (),
 ) -> Iterator[str]:
     """Output lines: `text` gives each continuation on its own line, `jsonl` one object each."""
     for text, samples in zip(texts, continuations, strict=True):
         for sample, tokens in enumerate(samples):
-            words = vocab.decode(tokens)
+            words = continuation_text(tokens, vocab, stops)
             if output == "jsonl":
                 yield json.dumps({"prompt": text, "sample": sample, "continuation": words})
             else:
@@ -365,11 +466,11 @@ def main(cfg: DictConfig) -> None:
             prompts,
             cfg.max_new_tokens,
             decoding,
-            eos_id=vocab.eos_id,
+            vocab=vocab,
             generator=generator,
             batch_size=cfg.batch_size,
         )
-        for line in format_continuations(texts, continuations, vocab, cfg.output):
+        for line in format_continuations(texts, continuations, vocab, cfg.output, decoding.stop):
             print(line, flush=True)
     except KeyboardInterrupt:  # Ctrl-C: keep what was printed, end its line, no traceback
         print(flush=True)

@@ -18,7 +18,7 @@ from torch import Tensor
 from lmlab.loss import linear_cross_entropy
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
-from lmlab.models.kv_cache import KVCache
+from lmlab.models.kv_cache import KVCache, positions, visible
 
 
 @dataclass
@@ -80,7 +80,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = Dropout(config.attention_dropout)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, offset: Tensor | None = None
+    ) -> Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, nh, T, hd); split rather than permuted, so that
         # backward writes their gradients into one (B, T, 3C) tensor in one pass.
@@ -89,18 +91,20 @@ class CausalSelfAttention(nn.Module):
             for t in self.qkv(x).split(C, dim=2)
         )
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        if cache is None and dropout_p > 0 and x.device.type == "cpu":
+        if cache is None and offset is None and dropout_p > 0 and x.device.type == "cpu":
             y = self._attention_with_dropout(q, k, v)
-        elif cache is None:
+        elif cache is None and offset is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            start = cache.length
-            k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hd)
-            if T == 1:  # one new query sees every cached position
+            start = 0
+            if cache is not None:
+                start = cache.length
+                k, v = cache.update(self.layer, k, v)  # (B, nh, start + T, hd)
+            if T == 1 and offset is None:  # one new query sees every cached position
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             else:  # query i sits at position start + i and sees positions <= start + i
-                visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+                mask = visible(start, T, offset, x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -147,8 +151,10 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_attn(x), cache)
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, offset: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.ln_attn(x), cache, offset)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -218,11 +224,17 @@ class GPTLM(nn.Module):
         targets: Tensor | None = None,
         state: KVCache | None = None,
         reduction: str = "mean",
+        pad_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the loss instead.
 
         With a `state` (a KV cache), `idx` continues the sequence it holds: its
-        positions start at `state.length`, and the cache advances by T. With
+        positions start at `state.length`, and the cache advances by T.
+        `pad_mask` (B, T), True at padding: prompts of different lengths
+        left-padded into one batch. Padding is never attended to, and each row's
+        positions count from its first real token, so a row's logits are those
+        of its prompt alone (the padding positions' own logits mean nothing). With
+        a state, padding may only lead the first forward (the prefill). With
         `targets` (B, T), it returns their mean cross-entropy (positions whose
         target is -100 do not count), or with `reduction="sum"` the summed NLL
         and the number of counted targets, fused with the output layer so that
@@ -235,12 +247,15 @@ class GPTLM(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
+        offset = pad_mask.sum(1) if cache is None and pad_mask is not None else None
+        if cache is not None:
+            offset = cache.start_rows(pad_mask)
         if cache is not None and T == 1 and not self.training and targets is None:
             return self._decode_one(idx, cache)
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        where = positions(start, T, offset, idx.device)  # (T,), or (B, T) with padding
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(where))
         for block in self.blocks:
-            x = block(x, cache)  # (B, T, C)
+            x = block(x, cache, offset)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         x = self.ln_final(x)
@@ -262,7 +277,11 @@ class GPTLM(nn.Module):
         nh, hd = self.config.n_head, self.config.head_dim
         if pos >= cache.max_len:
             raise ValueError(f"KV cache overflow: {pos + 1} positions > {cache.max_len}")
-        x = self.token_embedding.weight[idx[:, 0]] + self.position_embedding.weight[pos]  # (B, C)
+        offset = cache.offset
+        where = pos if offset is None else pos - offset  # a row's own position, (B,) if padded
+        x = self.token_embedding.weight[idx[:, 0]] + self.position_embedding.weight[where]
+        # every cached slot, or each row's real ones: (B, 1, 1, pos + 1)
+        mask = None if offset is None else visible(pos, 1, offset, idx.device)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             h = F.layer_norm(x, (C,), block.ln_attn.weight, block.ln_attn.bias)
@@ -273,6 +292,7 @@ class GPTLM(nn.Module):
                 qkv[:, 0, :, None],  # (B, nh, 1, hd)
                 cache.keys[i, :, :, : pos + 1],
                 cache.values[i, :, :, : pos + 1],
+                attn_mask=mask,
             )
             x = x + F.linear(y.view(B, C), attn.proj.weight, attn.proj.bias)
             h = F.layer_norm(x, (C,), block.ln_mlp.weight, block.ln_mlp.bias)

@@ -29,6 +29,9 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled; the next token goes at this position
+        # Leading padding slots per row (B,), for prompts of different lengths left-padded
+        # into one batch; None: no row is padded. Row r's real tokens start at offset[r].
+        self.offset: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -60,6 +63,8 @@ class KVCache:
         already shares with its source (beams share most of their history, and
         copying it all each step would cost more than the model's forward).
         """
+        if self.offset is not None:
+            self.offset = self.offset[index]
         if index.numel() != self.keys.size(1):  # the batch grows or shrinks
             self.keys = self.keys.index_select(1, index)
             self.values = self.values.index_select(1, index)
@@ -75,3 +80,38 @@ class KVCache:
     def reset(self) -> None:
         """Forget every position; the next forward starts at position 0."""
         self.length = 0
+        self.offset = None
+
+    def start_rows(self, pad_mask: Tensor | None) -> Tensor | None:
+        """The rows' padding offsets for this forward: set by the prefill, then kept."""
+        if self.length == 0:
+            self.offset = None if pad_mask is None else pad_mask.sum(1)
+        elif pad_mask is not None and bool(pad_mask.any()):
+            raise ValueError("padding may only lead a prompt: pass pad_mask with the prefill")
+        return self.offset
+
+
+def visible(start: int, length: int, offset: Tensor | None, device: torch.device) -> Tensor:
+    """Which positions each of `length` new queries (at `start` on) sees: the causal mask.
+
+    (length, start + length); with `offset` (B,), each row's leading padding slots
+    are hidden too, giving (B, 1, length, start + length). A padding query still
+    sees itself, so that no row of the softmax is empty.
+    """
+    keys = torch.arange(start + length, device=device)
+    queries = torch.arange(start, start + length, device=device)
+    causal = keys[None, :] <= queries[:, None]
+    if offset is None:
+        return causal
+    real = keys[None, :] >= offset[:, None]  # (B, start + length)
+    own = keys[None, :] == queries[:, None]
+    return ((causal[None] & real[:, None]) | own[None])[:, None]
+
+
+def positions(start: int, length: int, offset: Tensor | None, device: torch.device) -> Tensor:
+    """The positions of `length` new tokens: (length,), or (B, length) counted from each
+    row's first real token (padding slots get 0)."""
+    slots = torch.arange(start, start + length, device=device)
+    if offset is None:
+        return slots
+    return (slots[None, :] - offset[:, None]).clamp(min=0)

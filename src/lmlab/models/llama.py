@@ -25,7 +25,7 @@ from lmlab.checks import is_real
 from lmlab.loss import linear_cross_entropy
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
-from lmlab.models.kv_cache import KVCache
+from lmlab.models.kv_cache import KVCache, positions, visible
 
 
 @dataclass
@@ -96,12 +96,17 @@ PRESETS: dict[str, dict[str, int | float | None]] = {
 
 
 def rope_tables(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin (T, head_dim) of the rotation at each position, as Hugging Face's Llama."""
+    """cos and sin of the rotation at each position, as Hugging Face's Llama computes them.
+
+    (T, head_dim) for positions (T,); (B, 1, T, head_dim) for per-row positions (B, T).
+    """
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
     )
-    freqs = torch.outer(positions.float(), inv_freq)  # (T, head_dim / 2)
-    angles = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, head_dim / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (..., T, head_dim)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # one table per row, shared by its heads
     return angles.cos(), angles.sin()
 
 
@@ -127,7 +132,9 @@ class Attention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, offset: Tensor | None
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -135,17 +142,19 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         dropout_p = self.attn_dropout if self.training else 0.0
         grouped = self.kv_heads != self.n_head
-        if cache is None:
+        if cache is None and offset is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped
             )
         else:
-            start = cache.length
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, start + T, hd)
+            start = 0
+            if cache is not None:
+                start = cache.length
+                k, v = cache.update(self.layer, k, v)  # (B, nkv, start + T, hd)
             # query i sits at position start + i and sees positions <= start + i
-            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            mask = visible(start, T, offset, x.device)
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=grouped
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=grouped
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
@@ -175,8 +184,10 @@ class Block(nn.Module):
         self.norm_mlp = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.norm_attn(x), cos, sin, cache)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, offset: Tensor | None
+    ) -> Tensor:
+        x = x + self.attn(self.norm_attn(x), cos, sin, cache, offset)
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -228,19 +239,25 @@ class LlamaLM(nn.Module):
         targets: Tensor | None = None,
         state: KVCache | None = None,
         reduction: str = "mean",
+        pad_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the fused loss.
 
         With a `state` (a KV cache), `idx` continues the sequence it holds at
         positions `state.length` onwards, and the cache advances by T.
+        `pad_mask` (B, T), True at left padding, as in `gpt`: never attended to,
+        each row's positions counted from its first real token.
         """
         B, T = idx.shape
         start = 0 if state is None else state.length
-        positions = torch.arange(start, start + T, device=idx.device)
-        cos, sin = rope_tables(self.config.head_dim, positions, self.config.rope_theta)
+        offset = pad_mask.sum(1) if state is None and pad_mask is not None else None
+        if state is not None:
+            offset = state.start_rows(pad_mask)
+        where = positions(start, T, offset, idx.device)
+        cos, sin = rope_tables(self.config.head_dim, where, self.config.rope_theta)
         x = self.dropout(self.token_embedding(idx))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, state)
+            x = block(x, cos, sin, state, offset)
         if state is not None:
             state.advance(T)
         x = self.norm_final(x)

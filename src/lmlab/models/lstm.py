@@ -198,13 +198,19 @@ class LSTMLM(nn.Module):
         targets: Tensor | None = None,
         state: LSTMState | None = None,
         reduction: str = "mean",
+        pad_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the fused loss.
 
         With a `state`, the layers start from its hidden and cell states, and it
         holds their final ones afterwards (still attached to the graph: training
-        detaches it between windows).
+        detaches it between windows). `pad_mask` (B, T), True at left padding
+        (prompts of different lengths in one batch, when decoding): each row is
+        read from its first real token, as packed sequences, so its state and
+        logits are those of its prompt alone.
         """
+        if pad_mask is not None and bool(pad_mask.any()):
+            return self._forward_padded(idx, pad_mask, state)
         c = self.config
         x = embedding_dropout(self.token_embedding, idx, c.dropout_embedding, self.training)
         x = self.dropout_input(x)  # (B, T, n_embd)
@@ -227,3 +233,27 @@ class LSTMLM(nn.Module):
                 bias=self.lm_head.bias,
             )
         return self.lm_head(x)
+
+    def _forward_padded(self, idx: Tensor, pad_mask: Tensor, state: LSTMState | None) -> Tensor:
+        """Logits of left-padded prompts, each row read alone (a packed sequence), in eval mode."""
+        if self.training or (state is not None and state.length > 0):
+            raise ValueError("padding is for decoding: only the first forward of a state in eval")
+        B, T = idx.shape
+        offset = pad_mask.sum(1)  # leading padding per row
+        steps = torch.arange(T, device=idx.device)[None]
+        # right-aligned: row b's real tokens first, then padding (what packing expects)
+        right = idx.gather(1, (steps + offset[:, None]).clamp(max=T - 1))
+        x = nn.utils.rnn.pack_padded_sequence(
+            self.token_embedding(right), (T - offset).cpu(), batch_first=True, enforce_sorted=False
+        )
+        final = []
+        for i, layer in enumerate(self.layers):
+            x, last = layer(x, None if state is None else state.hidden[i])
+            final.append(last)
+        out, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=T)
+        # back to the left-padded layout; the padding positions' outputs are zeros
+        left = out.gather(1, (steps - offset[:, None]).clamp(min=0)[..., None].expand_as(out))
+        left = left.masked_fill(pad_mask[..., None], 0.0)
+        if state is not None:
+            state.advance(T, final)
+        return self.lm_head(left)
