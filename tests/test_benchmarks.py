@@ -28,7 +28,8 @@ def test_generate_speed_prints_every_method_and_batch():
     )
 
 
-def test_train_speed_prints_every_variant():
+def test_train_speed_prints_every_variant(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: machine.py
     spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks/train_speed.py")
     train_speed = importlib.util.module_from_spec(spec)
     sys.modules["train_speed"] = train_speed  # its dataclasses look their module up there

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -219,3 +220,40 @@ def test_sweep_of_two_process_jobs(
     assert diverged["status"] == "failed" and "training loss is nan" in diverged["error"]
     assert "optimizer.lr=1e+30" in diverged["overrides"]
     assert len((sweep / "summary.csv").read_text().splitlines()) == 3
+
+
+LSTM_CONTIGUOUS = ["model=lstm_tiny", "data.order=contiguous"]
+
+
+@pytest.mark.slow
+def test_an_lstm_in_the_contiguous_order_trains_the_same_on_two_processes(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # 1 process x 16 streams reads what 2 processes x 8 read, and carries the same states
+    common = [o for o in _common(corpus_dir, cache_dir, tmp_path) if not o.startswith("hydra.")]
+    reference = train_in_process(
+        *common,
+        *LSTM_CONTIGUOUS,
+        "data.batch_size=16",
+        "data.eval_batch_size=128",
+        output_dir=tmp_path / "one",
+    )
+    run = tmp_path / "ddp"
+    ddp = run_entry_point(
+        "train.py",
+        *_common(corpus_dir, cache_dir, tmp_path),
+        *LSTM_CONTIGUOUS,
+        "trainer.devices=2",
+        "data.batch_size=8",
+        "data.eval_batch_size=64",
+        "callbacks.periodic_checkpoint.every_n_train_steps=3",  # gathers both ranks' states
+        f"hydra.run.dir={run}",
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert_same_metrics(_result(run), reference)
+    carried = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)[
+        "lmlab_carried_state"
+    ]
+    h0 = carried["state"]["h0"]  # (ranks, 1, streams per rank, hidden): each rank's own
+    assert carried["ranks"] == 2 and h0.shape[0] == 2 and h0.shape[-2] == 8
+    assert not torch.equal(h0[0], h0[1])

@@ -51,7 +51,9 @@ TINY_SHAPES = {  # one layer, width 16, for the family the command picks
 
 def family_of(args: list[str]) -> str:
     """The model family a train.py command line composes."""
-    choices = [a for a in args if a.split("=")[0] in ("model", "experiment")]
+    choices = [  # a sweep's first value stands for all of its values' family
+        a.split(",")[0] for a in args if a.split("=")[0] in ("model", "experiment")
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=choices)
     return get_class(cfg.model._target_)().family
@@ -129,7 +131,8 @@ def tiny_ckpt(tmp_path_factory, servers, ptb_cache) -> Path:
 
 def test_readme_has_runnable_commands_for_every_entry_point():
     programs = {
-        shlex.split(c)[1] if c.startswith("python") else shlex.split(c)[0] for c in COMMANDS
+        words[1] if words[0] == "python" else words[0]
+        for words in (shlex.split(c, comments=True) for c in COMMANDS)
     }
     assert {"train.py", "generate.py", "eval.py", "lmlab-train", "lmlab-generate"} <= programs
 
