@@ -20,6 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelSummary, RichProgressBar
 from rich.console import Console
 
+from lmlab.budget import planned_steps
 from lmlab.checkpoint import write_model_files
 from lmlab.humanize import format_duration, format_rate
 from lmlab.parameters import parameter_table
@@ -50,7 +51,7 @@ class ProgressBar(RichProgressBar):
         if "val/ppl" in items:
             shown["val ppl"] = f"{items.pop('val/ppl'):.2f}"
         shown.update(items)
-        total = trainer.estimated_stepping_batches
+        total = planned_steps(trainer)
         has_total = isinstance(total, int) or float(total) < float("inf")
         shown["step"] = f"{trainer.global_step}/{int(total)}" if has_total else trainer.global_step
         recorder = find_callback(trainer, RunRecorder)

@@ -111,6 +111,11 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
     ("scheduler.min_lr_ratio", NUMBER, is_number),
     ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
+    (
+        "callbacks.budget.seconds",
+        "a positive number of seconds or null",
+        _or_null(lambda v: is_number(v) and v > 0),
+    ),
     ("trainer.accelerator", f"one of {', '.join(ACCELERATORS)}", _one_of(*ACCELERATORS)),
     (
         "trainer.devices",

@@ -1,0 +1,192 @@
+"""A time budget sizes the schedule to the steps that fit, and the run ends with it.
+
+The trainer, model, schedule and checkpoints are real; only the clock is a
+counter that each training step and validation batch moves forward, so the
+tests know exactly how long everything "took".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from lmlab.budget import TimeBudget
+from lmlab.lit_module import LanguageModel
+from lmlab.models.gpt import GPTConfig
+from lmlab.schedules import epoch_decay, resize, warmup_cosine
+
+from conftest import run_entry_point, tiny_overrides
+
+VOCAB = 40
+LR = 1e-2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Ticks(Callback):
+    """Moves the clock on by `step` seconds per training step and `val` per validation batch."""
+
+    def __init__(self, clock: Clock, step: float, val: float) -> None:
+        self.clock, self.step, self.val = clock, step, val
+
+    def on_train_batch_end(self, *args) -> None:
+        self.clock.now += self.step
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.clock.now += self.val
+
+
+class LastLR(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _loader(batches: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batches * 4, 9), generator=generator)
+    pairs = [(row[:-1], row[1:]) for row in tokens]
+    return DataLoader(pairs, batch_size=4)
+
+
+def _fit(callbacks: list[Callback], tmp_path: Path, epochs: int = 4, ckpt: Path | None = None):
+    """Fit a tiny GPT with a warm-up cosine for `epochs` of 50 steps; the trainer and its LRs."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    module = LanguageModel(
+        config,
+        words,
+        optimizer=functools.partial(torch.optim.AdamW, lr=LR),
+        scheduler=functools.partial(warmup_cosine, warmup_steps=2, min_lr_ratio=0.1),
+    )
+    lrs = LastLR()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=[*callbacks, lrs],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, _loader(50, 0), _loader(10, 1), ckpt_path=ckpt)
+    return trainer, lrs.lrs
+
+
+def test_the_schedule_ends_when_the_budget_does(tmp_path):
+    clock = Clock()
+    # 4 epochs of 50 steps would take 200 s of steps and 4 x 5 s of validation.
+    budget = TimeBudget(seconds=100, measure_after=5, measure_steps=10, margin=1.0, clock=clock)
+    trainer, lrs = _fit([Ticks(clock, step=1.0, val=0.5), budget], tmp_path)
+    planned = budget.total_steps
+    assert planned is not None and planned < 200  # the epochs allowed more
+    assert trainer.global_step == planned  # it stopped where it planned to
+    # inside the budget, final validation included, and less than a step short of it
+    assert clock.now <= 100 + 1e-9
+    assert clock.now > 100 - 1.0 - 5.0
+    # the cosine reached its floor at the last step: the schedule finished, not cut
+    assert lrs[-1] == pytest.approx(0.1 * LR, rel=1e-3)
+    assert budget.step_seconds == pytest.approx(1.0)
+    assert budget.validation_seconds == pytest.approx(5.0)
+
+
+def test_a_fast_machine_ends_with_its_epochs_inside_the_budget(tmp_path):
+    clock = Clock()
+    budget = TimeBudget(seconds=1000, measure_after=5, measure_steps=10, clock=clock)
+    trainer, lrs = _fit([Ticks(clock, step=1.0, val=0.5), budget], tmp_path, epochs=2)
+    assert budget.total_steps == trainer.global_step == 100
+    assert clock.now < 1000
+
+
+def test_no_budget_changes_nothing(tmp_path):
+    clock = Clock()
+    budget = TimeBudget(seconds=None, clock=clock)
+    trainer, lrs = _fit([Ticks(clock, step=1.0, val=0.5), budget], tmp_path, epochs=2)
+    assert budget.total_steps is None
+    assert trainer.global_step == 100
+
+
+def test_a_resumed_run_keeps_the_plan_it_saved(tmp_path):
+    clock = Clock()
+    budget = TimeBudget(seconds=100, measure_after=5, measure_steps=10, margin=1.0, clock=clock)
+
+    class Interrupt(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 30:
+                trainer.should_stop = True
+
+    # the first part: planned at step 15, stopped at 30
+    first, _ = _fit([Ticks(clock, step=1.0, val=0.5), budget, Interrupt()], tmp_path)
+    planned = budget.total_steps
+    path = tmp_path / "part1.ckpt"
+    first.save_checkpoint(path)
+    # the second part runs 10x slower: a new plan would be far shorter
+    clock2 = Clock()
+    budget2 = TimeBudget(seconds=100, measure_after=5, measure_steps=10, margin=1.0, clock=clock2)
+    second, lrs = _fit([Ticks(clock2, step=10.0, val=5.0), budget2], tmp_path, ckpt=path)
+    assert budget2.total_steps == planned
+    assert second.global_step == planned
+    scheduler = second.lr_scheduler_configs[0].scheduler
+    assert scheduler.lr_lambdas[0].total_steps == planned
+    assert lrs[-1] == pytest.approx(0.1 * LR, rel=1e-3)
+
+
+def test_resize_changes_the_length_of_every_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = warmup_cosine(optimizer, total_steps=100, warmup_steps=0, min_lr_ratio=0.0)
+    assert resize(cosine, 50)
+    assert cosine.lr_lambdas[0](50) == pytest.approx(0.0, abs=1e-12)
+    assert cosine.lr_lambdas[0](25) == pytest.approx(0.5)
+    decay = epoch_decay(optimizer, total_steps=100, epochs=4, decay_after=2, factor=0.5)
+    assert resize(decay, 40)  # now 10 steps an epoch
+    assert [decay.lr_lambdas[0](s) for s in (9, 10, 20, 30)] == [1.0, 1.0, 0.5, 0.25]
+    plain = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert not resize(plain, 10)  # a schedule with no length is left alone
+
+
+def test_the_sized_schedule_survives_the_schedulers_state_dict():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = warmup_cosine(optimizer, total_steps=100, warmup_steps=0, min_lr_ratio=0.0)
+    resize(cosine, 37)
+    fresh = warmup_cosine(optimizer, total_steps=100, warmup_steps=0, min_lr_ratio=0.0)
+    fresh.load_state_dict(cosine.state_dict())
+    assert fresh.lr_lambdas[0].total_steps == 37
+    assert math.isclose(fresh.lr_lambdas[0](37), 0.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("-5", "callbacks.budget.seconds must be a positive number of seconds or null, got -5"),
+        (
+            "soon",
+            "callbacks.budget.seconds must be a positive number of seconds or null, got 'soon'",
+        ),
+    ],
+)
+def test_a_bad_budget_is_one_line(tmp_path, corpus_dir, cache_dir, value, message):
+    result = run_entry_point(
+        "train.py",
+        *tiny_overrides(corpus_dir, cache_dir, tmp_path / "run"),
+        f"callbacks.budget.seconds={value}",
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in result.stderr
