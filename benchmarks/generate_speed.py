@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from machine import machine_line
 
 from lmlab.decoding import beam_search, generate
+from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 
 VOCAB_SIZE = 10_000

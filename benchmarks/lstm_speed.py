@@ -26,11 +26,11 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from machine import machine_line
 from train_speed import StepTimer
 
 from lmlab.data import BatchLoader, keep_batch
 from lmlab.lit_module import LanguageModel
+from lmlab.machine import machine_line
 from lmlab.models.lstm import LSTMConfig
 from lmlab.streams import StreamWindows, WindowOrder
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
-from machine import machine_line
 
 from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
+from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 
 VOCAB_SIZE = 10_000

@@ -59,6 +59,23 @@ def trained_run(
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def one_validation_run(
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
+) -> Path:
+    """One epoch (one validation, then the test) with `trainer.precision=auto`."""
+    run_dir = tmp_path_factory.mktemp("one_validation")
+    result = run_entry_point(
+        "train.py",
+        *tiny_overrides(corpus_dir, cache_dir, run_dir),
+        "trainer.precision=auto",
+        "trainer.max_epochs=1",
+        "callbacks.samples=null",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 # What one training run leaves in its folder, and nothing else.
 RUN_FOLDER = [
     ".hydra",
@@ -103,6 +120,7 @@ def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
         "data.seq_len=16",
         "data.batch_size=8",
         "trainer=cpu",
+        "trainer.precision=32-true",  # the same arithmetic on every CPU (auto might pick bf16)
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",

@@ -10,6 +10,7 @@ from lmlab.config import check_train_config, instantiate_each
 from lmlab.errors import UserError
 from lmlab.lit_module import LanguageModel
 from lmlab.models import PRESETS, preset
+from lmlab.precision import choose_precision
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -32,8 +33,12 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, corpus_dir):
     assert module.model.config.block_size == cfg.data.seq_len
     datamodule = instantiate(cfg.data)
     assert datamodule.seq_len == cfg.data.seq_len
+    precision = choose_precision(
+        cfg.trainer.precision, cfg.trainer.accelerator, model_config.n_embd, tmp_path / "cache"
+    )
     trainer = instantiate(
         cfg.trainer,
+        precision=precision.precision,
         callbacks=instantiate_each(cfg.callbacks),
         logger=instantiate_each(cfg.logger),
     )

@@ -3,6 +3,7 @@
 import io
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,14 @@ def test_a_summary_without_figures_writes_nulls_and_prints(tmp_path):
     console = Console(file=io.StringIO(), width=100)
     summary.print(console)
     assert "test/ppl" in console.file.getvalue()
+
+
+def test_after_testing_the_best_checkpoint_the_summary_still_names_last_ckpt(one_validation_run):
+    # trainer.test(ckpt_path=best) hands the callbacks best.ckpt's state back, written
+    # before last.ckpt; with a single validation that state knows no last.ckpt yet
+    summary = json.loads((one_validation_run / "summary.json").read_text())
+    assert summary["validations"] == 1 and summary["test_ppl"] is not None
+    assert summary["last_checkpoint"] is not None
+    assert Path(summary["last_checkpoint"]).resolve() == (
+        one_validation_run / "checkpoints" / "last.ckpt"
+    )

@@ -59,7 +59,7 @@ def _probability_pair(value: Any) -> bool:
     return len(value) == 2 and all(is_number(v) and 0 <= v < 1 for v in value)
 
 
-PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
+PRECISIONS = ("auto", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
 PRECISIONS += ("64", "32", "16", "bf16", 64, 32, 16)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 POSITIVE = "a positive integer"
@@ -122,7 +122,7 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
         f"{POSITIVE}, -1 or 'auto'",
         lambda v: v in ("auto", -1) or (is_int(v) and v >= 1),
     ),
-    ("trainer.precision", f"one of {', '.join(PRECISIONS[:6])}", _one_of(*PRECISIONS)),
+    ("trainer.precision", f"one of {', '.join(PRECISIONS[:7])}", _one_of(*PRECISIONS)),
     ("trainer.max_epochs", f"{POSITIVE} (or -1 for no limit)", _or_null(_run_limit)),
     ("trainer.max_steps", f"{POSITIVE} (or -1 for no limit)", _run_limit),
     ("trainer.gradient_clip_val", ">= 0 or null", _or_null(_in(0, math.inf))),

@@ -56,7 +56,14 @@ def _process_launch(trainer_cfg: DictConfig) -> str:
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the probe would repeat "GPU available: ..." lines
     try:
-        trainer = instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False)
+        # a throwaway trainer for its world size; precision=auto is resolved by train.py
+        trainer = instantiate(
+            trainer_cfg,
+            precision="32-true",
+            logger=False,
+            callbacks=[],
+            enable_checkpointing=False,
+        )
     except Exception:
         return "single"  # the job itself reports the problem, in its own folder
     finally:

@@ -67,6 +67,7 @@ class RunSummary:
     wall_time_s: float | None
     train_time_s: float | None
     tokens_per_s: float | None
+    precision: str | None
     parameters: int | None
     parameters_without_embeddings: int | None
     best_checkpoint: str | None
@@ -83,6 +84,7 @@ class RunSummary:
         steps: int,
         epochs: int,
         test_ppl: float | None = None,
+        precision: str | None = None,
         model: nn.Module | None = None,
         best_val_ppl: float | None = None,
         best_checkpoint: str | Path | None = None,
@@ -129,6 +131,7 @@ class RunSummary:
             tokens_per_s=_number(tokens_seen / train_time_s)
             if tokens_seen is not None and train_time_s
             else None,
+            precision=precision,
             parameters=parameters,
             parameters_without_embeddings=without,
             best_checkpoint=shown_best,
@@ -174,6 +177,7 @@ class RunSummary:
             ("wall time", format_duration(self.wall_time_s, decimals=2)),
             ("training time", format_duration(self.train_time_s, decimals=2)),
             ("tokens/s", "-" if self.tokens_per_s is None else f"{self.tokens_per_s:,.0f}"),
+            ("precision", self.precision or "-"),
             (
                 "parameters",
                 f"{count(self.parameters)} ({count(self.parameters_without_embeddings)} without embeddings)",

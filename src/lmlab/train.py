@@ -6,6 +6,7 @@ Hydra app (see `lmlab.cli`). See README.md.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -26,10 +27,13 @@ from lmlab.failsafe import (
 )
 from lmlab.lit_module import LanguageModel
 from lmlab.loggers import log_config
+from lmlab.precision import Choice, choose_precision
 from lmlab.recorder import RunRecorder
 from lmlab.result import record_result
 from lmlab.samples import SampleText
 from lmlab.summary import SUMMARY_FILE, RunSummary
+
+log = logging.getLogger(__name__)
 
 
 @record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
@@ -52,8 +56,13 @@ def main(cfg: DictConfig) -> dict:
         carry_state=cfg.data.get("order") == "contiguous",
     )
     output_dir = Path(cfg.paths.output_dir)
+    precision = choose_precision(
+        cfg.trainer.precision, cfg.trainer.accelerator, model_config.n_embd, datamodule.cache_root
+    )
+    log.info("precision %s: %s", precision.precision, precision.reason)
     trainer = instantiate(
         cfg.trainer,
+        precision=precision.precision,
         callbacks=[
             *instantiate_each(cfg.get("callbacks")),
             *run_callbacks(),
@@ -71,6 +80,9 @@ def main(cfg: DictConfig) -> dict:
 
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
+    # before testing: trainer.test(ckpt_path=best) gives the callbacks best.ckpt's state
+    # back, and best.ckpt was written before the last last.ckpt
+    last_path = checkpoint.last_model_path if checkpoint else ""
     test_ppl = math.nan
     if cfg.test:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
@@ -82,7 +94,7 @@ def main(cfg: DictConfig) -> dict:
         else None
     )
     if trainer.is_global_zero:
-        summary = summarize(trainer, output_dir, test_ppl)
+        summary = summarize(trainer, output_dir, test_ppl, precision, last_path)
         summary.write(output_dir / SUMMARY_FILE)
         summary.print()
     return {
@@ -93,7 +105,9 @@ def main(cfg: DictConfig) -> dict:
     }
 
 
-def summarize(trainer: L.Trainer, output_dir: Path, test_ppl: float) -> RunSummary:
+def summarize(
+    trainer: L.Trainer, output_dir: Path, test_ppl: float, precision: Choice, last_path: str
+) -> RunSummary:
     """The run's summary from what its trainer, checkpoint callback and record measured."""
     checkpoint = trainer.checkpoint_callback
     recorder = find_callback(trainer, RunRecorder)
@@ -118,9 +132,10 @@ def summarize(trainer: L.Trainer, output_dir: Path, test_ppl: float) -> RunSumma
         steps=trainer.global_step,
         epochs=trainer.current_epoch,
         test_ppl=test_ppl,
+        precision=f"{precision.precision} ({precision.reason})",
         model=trainer.lightning_module.model,
         best_val_ppl=getattr(checkpoint, "best_model_score", None),
         best_checkpoint=getattr(checkpoint, "best_model_path", None),
-        last_checkpoint=getattr(checkpoint, "last_model_path", None),
+        last_checkpoint=last_path,
         **figures,
     )

@@ -1,0 +1,124 @@
+"""`trainer.precision=auto`: fp32 or bf16-mixed, whichever this machine runs faster.
+
+Whether bf16 pays on a CPU depends on the CPU, not on the code: its matmuls run
+at 4x the fp32 rate on an AVX-512 BF16 EPYC, at half of it on an AVX-512 Xeon
+without BF16, and at a hundredth of it on an AVX2 EPYC. So `auto` measures: one
+matmul of the model's own width in fp32 and in bf16 (a fixed amount of work,
+well under a second even where bf16 is slow), and takes bf16-mixed when its
+matmul is at least `BF16_MIN_SPEEDUP` times faster (bf16-mixed also pays for
+casts and keeps fp32 weights, so a small win in the matmul is none in a step).
+The ratio is cached per CPU model, torch version, thread count and shape in
+`precision.json` in the cache folder, so later runs decide at once and all
+processes of one machine read the same answer. A precision given explicitly
+is always used as given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmlab.atomic import write_atomically
+from lmlab.machine import cpu_model
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+CACHE_FILE = "precision.json"
+BF16_MIN_SPEEDUP = 1.5
+MATMUL_FLOPS = 50e6  # the work of one timed matmul: ~1 ms in fp32, ~0.1 s where bf16 is slow
+REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision Lightning gets, and why, for train.log and the run summary."""
+
+    precision: str
+    reason: str
+
+
+def choose_precision(
+    requested: str | int,
+    accelerator: str,
+    width: int,
+    cache_dir: str | Path,
+    measure: bool = True,
+) -> Choice:
+    """The Lightning precision for `requested` (`auto` or an explicit value) on this machine.
+
+    `width` is the model's hidden size: the matmul timed is tokens x width x 4*width,
+    the shape of its MLP. `measure=False` skips a measurement not yet cached and
+    keeps fp32 (for tests of the other branches).
+    """
+    if requested != AUTO:
+        return Choice(str(requested), "set by trainer.precision")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return Choice("bf16-mixed", "the GPU supports bf16")
+        return Choice("32-true", "no GPU with bf16 found")
+    if accelerator != "cpu" and accelerator != "auto":
+        return Choice("32-true", f"accelerator {accelerator}: auto chooses only on CPU and GPU")
+    shape = matmul_shape(width)
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {shape}"
+    cache = Path(cache_dir).expanduser() / CACHE_FILE
+    known = _read_cache(cache)
+    speedup = known.get(key)
+    how = "cached"
+    if speedup is None:
+        if not measure:
+            return Choice("32-true", "bf16 speed not measured")
+        speedup = bf16_speedup(*shape)
+        how = "measured"
+        write_atomically(cache, json.dumps({**known, key: speedup}, indent=2) + "\n")
+    precision = "bf16-mixed" if speedup >= BF16_MIN_SPEEDUP else "32-true"
+    reason = (
+        f"bf16 matmuls run at {speedup:.2f}x the fp32 rate here ({how}: "
+        f"{shape[0]}x{shape[1]}x{shape[2]} on {cpu_model()}, {torch.get_num_threads()} threads; "
+        f"bf16-mixed needs {BF16_MIN_SPEEDUP}x)"
+    )
+    return Choice(precision, reason)
+
+
+def matmul_shape(width: int) -> tuple[int, int, int]:
+    """(tokens, width, 4 * width), with as many tokens as `MATMUL_FLOPS` of work allows."""
+    tokens = int(MATMUL_FLOPS / (2 * width * 4 * width))
+    return (min(512, max(16, tokens)), width, 4 * width)
+
+
+def bf16_speedup(m: int, k: int, n: int) -> float:
+    """fp32 time over bf16 time of an m x k by k x n matmul, best of `REPEATS` each."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator)
+    b = torch.randn(k, n, generator=generator)
+    fp32 = _best_time(a, b)
+    bf16 = _best_time(a.bfloat16(), b.bfloat16(), give_up_after=10 * fp32)
+    return fp32 / bf16
+
+
+def _best_time(a: torch.Tensor, b: torch.Tensor, give_up_after: float = math.inf) -> float:
+    torch.mm(a, b)  # warm-up: first-call set-up is no part of the rate
+    best = math.inf
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+        if best > give_up_after:  # slow beyond doubt: more samples would only cost time
+            break
+    return best
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measure again and rewrite it
+    if not isinstance(values, dict):
+        return {}
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}

@@ -1,0 +1,93 @@
+"""`trainer.precision=auto` takes bf16-mixed only where this machine's bf16 matmuls are faster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from lmlab import precision as chooser
+from lmlab.precision import BF16_MIN_SPEEDUP, CACHE_FILE, choose_precision
+
+
+@pytest.fixture
+def speedup(monkeypatch):
+    """Stand in for the measurement: set `.value`, count `.calls`."""
+
+    class Measured:
+        value = 1.0
+        calls = 0
+
+        def __call__(self, m: int, k: int, n: int) -> float:
+            self.calls += 1
+            return self.value
+
+    measured = Measured()
+    monkeypatch.setattr(chooser, "bf16_speedup", measured)
+    return measured
+
+
+@pytest.mark.parametrize(
+    "ratio, expected",
+    [
+        (0.01, "32-true"),  # an AVX2 CPU: bf16 emulated
+        (0.5, "32-true"),  # AVX-512 without BF16
+        (BF16_MIN_SPEEDUP - 1e-9, "32-true"),
+        (BF16_MIN_SPEEDUP, "bf16-mixed"),
+        (4.3, "bf16-mixed"),  # AVX-512 BF16
+    ],
+)
+def test_auto_picks_bf16_only_when_it_is_faster(tmp_path, speedup, ratio, expected):
+    speedup.value = ratio
+    choice = choose_precision("auto", "cpu", 256, tmp_path)
+    assert choice.precision == expected
+    assert f"{ratio:.2f}x the fp32 rate" in choice.reason
+    assert "measured" in choice.reason
+
+
+def test_the_measurement_is_cached_per_machine_and_shape(tmp_path, speedup):
+    speedup.value = 4.0
+    first = choose_precision("auto", "cpu", 256, tmp_path)
+    again = choose_precision("auto", "cpu", 256, tmp_path)
+    assert speedup.calls == 1
+    assert first.precision == again.precision == "bf16-mixed"
+    assert "cached" in again.reason
+    choose_precision("auto", "cpu", 512, tmp_path)  # another width is another shape
+    assert speedup.calls == 2
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())) == 2
+
+
+def test_a_corrupt_cache_is_measured_again(tmp_path, speedup):
+    (tmp_path / CACHE_FILE).write_text("{not json")
+    speedup.value = 0.5
+    assert choose_precision("auto", "cpu", 256, tmp_path).precision == "32-true"
+    assert speedup.calls == 1
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())) == 1
+
+
+@pytest.mark.parametrize("explicit", ["32-true", "bf16-mixed", "64-true"])
+def test_an_explicit_precision_always_wins(tmp_path, speedup, explicit):
+    speedup.value = 100.0 if explicit == "32-true" else 0.01
+    choice = choose_precision(explicit, "cpu", 256, tmp_path)
+    assert choice.precision == explicit
+    assert choice.reason == "set by trainer.precision"
+    assert speedup.calls == 0
+
+
+def test_the_real_measurement_is_quick_and_positive():
+    m, k, n = chooser.matmul_shape(256)
+    assert 2 * m * k * n <= 2 * chooser.MATMUL_FLOPS
+    assert chooser.bf16_speedup(m, k, n) > 0
+
+
+def test_a_run_with_auto_says_what_it_chose_and_why(one_validation_run, cache_dir):
+    run = one_validation_run
+    width = OmegaConf.load(run / ".hydra" / "config.yaml").model.n_embd
+    cached = json.loads((cache_dir / CACHE_FILE).read_text())
+    (ratio,) = [v for k, v in cached.items() if k.endswith(str(chooser.matmul_shape(width)))]
+    expected = "bf16-mixed" if ratio >= BF16_MIN_SPEEDUP else "32-true"
+    log = (run / "train.log").read_text()
+    assert f"precision {expected}: bf16 matmuls run at {ratio:.2f}x the fp32 rate" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"].startswith(f"{expected} (bf16 matmuls run at")
