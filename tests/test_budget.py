@@ -157,6 +157,8 @@ def test_resize_changes_the_length_of_every_schedule():
     decay = epoch_decay(optimizer, total_steps=100, epochs=4, decay_after=2, factor=0.5)
     assert resize(decay, 40)  # now 10 steps an epoch
     assert [decay.lr_lambdas[0](s) for s in (9, 10, 20, 30)] == [1.0, 1.0, 0.5, 0.25]
+    assert resize(decay, 41)  # the one step past 4 whole epochs belongs to the last
+    assert decay.lr_lambdas[0](40) == 0.25
     plain = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     assert not resize(plain, 10)  # a schedule with no length is left alone
 

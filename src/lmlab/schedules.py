@@ -51,7 +51,8 @@ class EpochDecay:
         self.factor = factor
 
     def __call__(self, step: int) -> float:
-        epoch = step // max(1, self.total_steps // self.epochs)  # 0-based
+        # 0-based; the steps past `epochs` whole epochs (total_steps not a multiple) are the last
+        epoch = min(self.epochs - 1, step // max(1, self.total_steps // self.epochs))
         return self.factor ** max(0, epoch + 1 - self.decay_after)
 
 
