@@ -49,3 +49,31 @@ def test_train_speed_prints_every_variant(monkeypatch):
     assert set(rows) == expected
     for tokens_per_s, mfu, ratio, _ in rows.values():
         assert float(tokens_per_s) > 0 and 0 < float(mfu.rstrip("%")) < 100 and float(ratio) > 0
+
+
+def test_loss_speed_prints_every_variant():
+    result = run_entry_point(
+        "benchmarks/loss_speed.py", "--quick", "--tokens", "256", "--width", "32"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("machine: ")
+    names = [
+        "plain: logits, then F.cross_entropy (reference)",
+        "torch F.linear_cross_entropy, reference path",
+        "torch F.linear_cross_entropy, chunked",
+        "lmlab.loss.linear_cross_entropy",
+    ]
+    rows = {
+        name: line[len(name) :].split()
+        for line in result.stdout.splitlines()
+        for name in names
+        if line.startswith(name)
+    }
+    assert set(rows) == set(names)
+    reference_ms = float(rows[names[0]][0])
+    for ms, ratio in rows.values():
+        ms = float(ms)
+        assert ms > 0
+        # the ratio is of unrounded times: allow for rounding both to 0.1 ms, and it to 0.001
+        rounding = reference_ms / ms * (0.05 / reference_ms + 0.05 / ms) + 0.0005
+        assert float(ratio) == pytest.approx(reference_ms / ms, abs=rounding)

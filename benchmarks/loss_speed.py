@@ -1,0 +1,100 @@
+"""The output layer's loss, forward and backward: lmlab's fused loss against torch's, same run.
+
+    python benchmarks/loss_speed.py                 # fp32; the `small` model's shapes
+    python benchmarks/loss_speed.py --bf16          # also under bf16 autocast
+    python benchmarks/loss_speed.py --quick         # a smoke run
+
+torch 2.13 ships `F.linear_cross_entropy`, with a reference path (the logits,
+then `F.cross_entropy`) and a chunked one (`options=nn.LinearCrossEntropyOptions()`)
+that never holds the whole logits. lmlab keeps its own `lmlab.loss` only where it
+is measurably faster; this prints the rows that decide it: the time of one
+forward and backward of each, for the hidden states of a batch of 32 x 64 tokens,
+width 256, PTB's 10,000 words. Rounds alternate between the variants so that the
+machine's drift hits all alike; each figure is the median of its timed calls,
+then the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.loss import linear_cross_entropy
+from lmlab.machine import machine_line
+
+VOCAB_SIZE = 10_000
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+VARIANTS: dict[str, Loss] = {
+    "plain: logits, then F.cross_entropy (reference)": lambda h, w, t: F.cross_entropy(
+        F.linear(h, w).float(), t
+    ),
+    "torch F.linear_cross_entropy, reference path": lambda h, w, t: F.linear_cross_entropy(h, w, t),
+    "torch F.linear_cross_entropy, chunked": lambda h, w, t: F.linear_cross_entropy(
+        h, w, t, options=nn.LinearCrossEntropyOptions()
+    ),
+    "lmlab.loss.linear_cross_entropy": linear_cross_entropy,
+}
+
+
+def time_once(
+    loss: Loss, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> float:
+    """Seconds of one forward and backward, gradients of the hidden states and the weight."""
+    hidden.grad = weight.grad = None
+    start = time.perf_counter()
+    loss(hidden, weight, targets).backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few calls, one round")
+    parser.add_argument("--bf16", action="store_true", help="also time under bf16 autocast")
+    parser.add_argument("--tokens", type=int, default=32 * 64)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    calls, rounds = (2, 1) if args.quick else (args.calls, args.rounds)
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.tokens, args.width, generator=generator).requires_grad_()
+    weight = (0.02 * torch.randn(VOCAB_SIZE, args.width, generator=generator)).requires_grad_()
+    targets = torch.randint(0, VOCAB_SIZE, (args.tokens,), generator=generator)
+    modes = [("fp32", contextlib.nullcontext)]
+    if args.bf16:
+        modes.append(("bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+
+    print(machine_line())
+    print(
+        f"loss of {args.tokens} tokens x width {args.width} x vocab {VOCAB_SIZE}, forward and "
+        f"backward; median of {calls} calls after 2, median of {rounds} rounds"
+    )
+    for mode, context in modes:
+        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        with context():
+            for loss in VARIANTS.values():  # warm-up: allocations, first-call set-up
+                for _ in range(2):
+                    time_once(loss, hidden, weight, targets)
+            for _ in range(rounds):
+                for name, loss in VARIANTS.items():
+                    samples = [time_once(loss, hidden, weight, targets) for _ in range(calls)]
+                    seconds[name].append(statistics.median(samples))
+        medians = {name: statistics.median(values) for name, values in seconds.items()}
+        reference = next(iter(medians.values()))
+        print(f"\n{mode:<50}{'ms':>9}{'x reference':>13}")
+        print("-" * 72)
+        for name, value in medians.items():
+            print(f"{name:<50}{1000 * value:>9.1f}{reference / value:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
