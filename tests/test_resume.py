@@ -215,6 +215,14 @@ def test_resume_argv_rewrites_to_the_stored_run(tmp_path: Path) -> None:
 
 
 FAMILY_RUNS = {
+    # weight averaging: the average and the trained weights must both continue exactly, and
+    # best.ckpt (the average) must give eval.py the val/ppl that training logged
+    "gpt_averaging": [
+        "model=tiny",
+        "model.dropout=0.1",
+        "averaging=ema",
+        "callbacks.averaging.decay=0.9",
+    ],
     # dropout, attention dropout: their masks must continue exactly
     "llama": ["model=llama_tiny", "model.dropout=0.1", "model.attn_dropout=0.1"],
     # the contiguous order: the LSTM's carried state must continue exactly too
@@ -258,9 +266,12 @@ def test_every_family_resumes_bit_identically_and_decodes_from_its_checkpoint(
 
     expected, got = _records(tmp_path / "a.txt"), _records(tmp_path / "b.txt")
     assert got == expected and len(expected) > 20  # every loss and val/ppl, bit for bit
-    a = _load(straight / "checkpoints" / "last.ckpt")["state_dict"]
-    b = _load(stopped / "checkpoints" / "last.ckpt")["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = _load(straight / "checkpoints" / "last.ckpt")
+    b = _load(stopped / "checkpoints" / "last.ckpt")
+    weights = ["state_dict"] + (["current_model_state"] if "averaging" in family else [])
+    for key in weights:  # with averaging: the average, and the weights being trained
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
     best = stopped / "checkpoints" / "best.ckpt"
     generated = run_entry_point(
@@ -288,3 +299,40 @@ def test_every_family_resumes_bit_identically_and_decodes_from_its_checkpoint(
     # eval.py reproduces the val/ppl training logged for that checkpoint
     validations = [v for (kind, _), v in expected.items() if kind == "val"]
     assert json.loads(report.read_text())["ppl"] == pytest.approx(min(validations), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_with_averaging_the_test_and_eval_score_the_saved_average(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = run_entry_point(
+        "train.py",
+        *tiny_overrides(corpus_dir, cache_dir, run),
+        "averaging=ema",
+        "callbacks.averaging.decay=0.5",
+        "callbacks.samples=null",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = _load(run / "checkpoints" / "best.ckpt")
+    average, trained = best["state_dict"], best["current_model_state"]
+    assert any(not torch.equal(average[k], trained[k]) for k in average)  # two different copies
+    tested = json.loads((run / "summary.json").read_text())["test_ppl"]
+    report = tmp_path / "eval.json"
+    evaluated = run_entry_point(
+        "eval.py",
+        f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
+        "data=text",
+        f"data.data_dir={corpus_dir}",
+        "data.files.train=ptb.train.txt",
+        "data.files.valid=ptb.valid.txt",
+        "data.files.test=ptb.test.txt",
+        f"data.cache_dir={cache_dir}",
+        "split=test",
+        "batch_size=64",
+        "bleu.num_sentences=0",
+        f"output={report}",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    # train.py's test and eval.py score the same weights: the average saved as state_dict
+    assert json.loads(report.read_text())["ppl"] == pytest.approx(tested, rel=1e-4)
