@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import random
 import subprocess
@@ -12,9 +13,14 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
+from lmlab.lit_module import LanguageModel
+from lmlab.models.gpt import GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +42,22 @@ def write_corpus(folder: Path, seed: int = 0, lines: tuple[int, int, int] = (400
     return folder
 
 
+def random_batches(batches: int, vocab: int, seed: int, batch_size: int = 4) -> DataLoader:
+    """`batches` batches of random (inputs, targets) blocks of 8 tokens, for in-process trainers."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batches * batch_size, 9), generator=generator)
+    return DataLoader([(row[:-1], row[1:]) for row in tokens], batch_size=batch_size)
+
+
+def tiny_gpt_module(vocab: int, lr: float, scheduler: Any = None) -> LanguageModel:
+    """A one-layer GPT LightningModule over a made-up vocabulary, AdamW at `lr`; seeded."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=vocab, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(vocab - 2)]
+    optimizer = functools.partial(torch.optim.AdamW, lr=lr)
+    return LanguageModel(config, words, optimizer=optimizer, scheduler=scheduler)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -51,12 +73,7 @@ def trained_run(
     tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, cache_dir: Path
 ) -> Path:
     """The folder of one tiny train.py run, shared by the end-to-end tests that need a checkpoint."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    result = run_entry_point(
-        "train.py", *tiny_overrides(corpus_dir, cache_dir, run_dir), "test=false"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    return train_tiny(tmp_path_factory.mktemp("trained"), corpus_dir, cache_dir, "test=false")
 
 
 @pytest.fixture(scope="session")
@@ -65,15 +82,29 @@ def one_validation_run(
 ) -> Path:
     """One epoch (one validation, then the test) with `trainer.precision=auto`."""
     run_dir = tmp_path_factory.mktemp("one_validation")
-    result = run_entry_point(
-        "train.py",
-        *tiny_overrides(corpus_dir, cache_dir, run_dir),
-        "trainer.precision=auto",
-        "trainer.max_epochs=1",
-        "callbacks.samples=null",
-    )
+    overrides = ["trainer.precision=auto", "trainer.max_epochs=1", "callbacks.samples=null"]
+    return train_tiny(run_dir, corpus_dir, cache_dir, *overrides)
+
+
+def train_tiny(run_dir: Path, corpus: Path, cache: Path, *overrides: str) -> Path:
+    """Run train.py with `tiny_overrides` and `overrides` into `run_dir`; it must succeed."""
+    result = run_entry_point("train.py", *tiny_overrides(corpus, cache, run_dir), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def evaluate_tiny(checkpoint: Path, corpus: Path, cache: Path, report: Path, *options: str) -> dict:
+    """eval.py on the fixture corpus (no BLEU); its JSON report. It must succeed."""
+    result = run_entry_point(
+        "eval.py",
+        f"ckpt={checkpoint}",
+        *fixture_data(corpus, cache),
+        "bleu.num_sentences=0",
+        f"output={report}",
+        *options,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(report.read_text())
 
 
 # What one training run leaves in its folder, and nothing else.
@@ -107,16 +138,23 @@ def write_stored_run(run: Path, output_dir: str, checkpoints: str, global_step: 
     return last
 
 
-def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
-    """Overrides for a seconds-long run of train.py on the fixture corpus."""
+def fixture_data(corpus: Path, cache: Path) -> list[str]:
+    """`data=` overrides that read the fixture corpus written by `write_corpus`."""
     return [
-        "model=tiny",
         "data=text",
         f"data.data_dir={corpus}",
         "data.files.train=ptb.train.txt",
         "data.files.valid=ptb.valid.txt",
         "data.files.test=ptb.test.txt",
         f"data.cache_dir={cache}",
+    ]
+
+
+def tiny_overrides(corpus: Path, cache: Path, run_dir: Path) -> list[str]:
+    """Overrides for a seconds-long run of train.py on the fixture corpus."""
+    return [
+        "model=tiny",
+        *fixture_data(corpus, cache),
         "data.seq_len=16",
         "data.batch_size=8",
         "trainer=cpu",

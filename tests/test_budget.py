@@ -15,14 +15,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
 
 from lmlab.budget import TimeBudget
-from lmlab.lit_module import LanguageModel
-from lmlab.models.gpt import GPTConfig
 from lmlab.schedules import epoch_decay, resize, warmup_cosine
 
-from conftest import run_entry_point, tiny_overrides
+from conftest import random_batches, run_entry_point, tiny_gpt_module, tiny_overrides
 
 VOCAB = 40
 LR = 1e-2
@@ -57,24 +54,10 @@ class LastLR(Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def _loader(batches: int, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (batches * 4, 9), generator=generator)
-    pairs = [(row[:-1], row[1:]) for row in tokens]
-    return DataLoader(pairs, batch_size=4)
-
-
 def _fit(callbacks: list[Callback], tmp_path: Path, epochs: int = 4, ckpt: Path | None = None):
     """Fit a tiny GPT with a warm-up cosine for `epochs` of 50 steps; the trainer and its LRs."""
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16)
-    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
-    module = LanguageModel(
-        config,
-        words,
-        optimizer=functools.partial(torch.optim.AdamW, lr=LR),
-        scheduler=functools.partial(warmup_cosine, warmup_steps=2, min_lr_ratio=0.1),
-    )
+    schedule = functools.partial(warmup_cosine, warmup_steps=2, min_lr_ratio=0.1)
+    module = tiny_gpt_module(VOCAB, LR, schedule)
     lrs = LastLR()
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -86,7 +69,7 @@ def _fit(callbacks: list[Callback], tmp_path: Path, epochs: int = 4, ckpt: Path 
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, _loader(50, 0), _loader(10, 1), ckpt_path=ckpt)
+    trainer.fit(module, random_batches(50, VOCAB, 0), random_batches(10, VOCAB, 1), ckpt_path=ckpt)
     return trainer, lrs.lrs
 
 

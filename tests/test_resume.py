@@ -16,7 +16,7 @@ from forkserver import ForkServer
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
 from lmlab.resume import resume_argv, rng_state, set_rng_state
 
-from conftest import run_entry_point, tiny_overrides, write_stored_run
+from conftest import evaluate_tiny, run_entry_point, tiny_overrides, train_tiny, write_stored_run
 
 
 def _loader(num_blocks: int = 40, batch_size: int = 4) -> BatchLoader:
@@ -279,60 +279,39 @@ def test_every_family_resumes_bit_identically_and_decodes_from_its_checkpoint(
     )
     assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr[-2000:]
     order = "contiguous" if "data.order=contiguous" in base else "blocks"
-    report = tmp_path / "eval.json"
-    evaluated = run_entry_point(
-        "eval.py",
-        f"ckpt={best}",
-        "data=text",
-        f"data.data_dir={corpus_dir}",
-        "data.files.train=ptb.train.txt",
-        "data.files.valid=ptb.valid.txt",
-        "data.files.test=ptb.test.txt",
-        f"data.cache_dir={cache_dir}",
+    # batch_size: data.eval_batch_size of the run, so the same streams
+    report = evaluate_tiny(
+        best,
+        corpus_dir,
+        cache_dir,
+        tmp_path / "eval.json",
         "split=valid",
         f"order={order}",
-        "batch_size=64",  # data.eval_batch_size of the run: the same streams
-        "bleu.num_sentences=0",
-        f"output={report}",
+        "batch_size=64",
     )
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     # eval.py reproduces the val/ppl training logged for that checkpoint
     validations = [v for (kind, _), v in expected.items() if kind == "val"]
-    assert json.loads(report.read_text())["ppl"] == pytest.approx(min(validations), rel=1e-4)
+    assert report["ppl"] == pytest.approx(min(validations), rel=1e-4)
 
 
 @pytest.mark.slow
 def test_with_averaging_the_test_and_eval_score_the_saved_average(
     corpus_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
-    result = run_entry_point(
-        "train.py",
-        *tiny_overrides(corpus_dir, cache_dir, run),
+    run = train_tiny(
+        tmp_path / "run",
+        corpus_dir,
+        cache_dir,
         "averaging=ema",
         "callbacks.averaging.decay=0.5",
         "callbacks.samples=null",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    best = _load(run / "checkpoints" / "best.ckpt")
-    average, trained = best["state_dict"], best["current_model_state"]
+    best = run / "checkpoints" / "best.ckpt"
+    average, trained = _load(best)["state_dict"], _load(best)["current_model_state"]
     assert any(not torch.equal(average[k], trained[k]) for k in average)  # two different copies
     tested = json.loads((run / "summary.json").read_text())["test_ppl"]
-    report = tmp_path / "eval.json"
-    evaluated = run_entry_point(
-        "eval.py",
-        f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
-        "data=text",
-        f"data.data_dir={corpus_dir}",
-        "data.files.train=ptb.train.txt",
-        "data.files.valid=ptb.valid.txt",
-        "data.files.test=ptb.test.txt",
-        f"data.cache_dir={cache_dir}",
-        "split=test",
-        "batch_size=64",
-        "bleu.num_sentences=0",
-        f"output={report}",
+    report = evaluate_tiny(
+        best, corpus_dir, cache_dir, tmp_path / "eval.json", "split=test", "batch_size=64"
     )
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     # train.py's test and eval.py score the same weights: the average saved as state_dict
-    assert json.loads(report.read_text())["ppl"] == pytest.approx(tested, rel=1e-4)
+    assert report["ppl"] == pytest.approx(tested, rel=1e-4)
