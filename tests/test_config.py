@@ -83,6 +83,11 @@ def test_logger_none_gives_no_logger(tmp_path):
         ("trainer.devices=0", "trainer.devices must be a positive integer"),
         ("trainer.max_epochs=0", "trainer.max_epochs must be a positive integer"),
         ("scheduler.warmup_steps=-5", "scheduler.warmup_steps must be a non-negative integer"),
+        (
+            "callbacks.budget.seconds=soon",
+            "callbacks.budget.seconds must be a positive number of seconds or null, got 'soon'",
+        ),
+        ("trainer.precision=fast", "trainer.precision must be one of auto, 64-true"),
     ],
 )
 def test_out_of_range_values_are_refused_with_one_line(override, message, tmp_path):

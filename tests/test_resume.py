@@ -305,6 +305,7 @@ def test_with_averaging_the_test_and_eval_score_the_saved_average(
         "averaging=ema",
         "callbacks.averaging.decay=0.5",
         "callbacks.samples=null",
+        "trainer.max_epochs=1",
     )
     best = run / "checkpoints" / "best.ckpt"
     average, trained = _load(best)["state_dict"], _load(best)["current_model_state"]
