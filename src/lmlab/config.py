@@ -111,6 +111,8 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
     ("scheduler.min_lr_ratio", NUMBER, is_number),
     ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
+    ("callbacks.averaging.decay", NUMBER, is_number),
+    ("callbacks.averaging.decay", "in (0, 1)", _in(0, 1, low_open=True, high_open=True)),
     (
         "callbacks.budget.seconds",
         "a positive number of seconds or null",
