@@ -25,6 +25,7 @@ def speedup(monkeypatch):
 
     measured = Measured()
     monkeypatch.setattr(chooser, "bf16_speedup", measured)
+    monkeypatch.setattr(chooser, "cpu_flags", lambda: ["avx512f", "avx512_bf16"])
     return measured
 
 
@@ -75,19 +76,46 @@ def test_an_explicit_precision_always_wins(tmp_path, speedup, explicit):
     assert speedup.calls == 0
 
 
-def test_the_real_measurement_is_quick_and_positive():
-    m, k, n = chooser.matmul_shape(256)
-    assert 2 * m * k * n <= 2 * chooser.MATMUL_FLOPS
+@pytest.mark.parametrize("flags", [["avx2", "fma"], ["avx512f", "avx512bw"]])
+def test_x86_without_bf16_instructions_is_fp32_without_measuring(
+    tmp_path, speedup, monkeypatch, flags
+):
+    monkeypatch.setattr(chooser, "cpu_flags", lambda: flags)
+    speedup.value = 100.0  # a measurement, were one taken, would say bf16
+    choice = choose_precision("auto", "cpu", 256, tmp_path)
+    assert choice.precision == "32-true"
+    assert choice.reason.endswith("has no bf16 matmul instructions")
+    assert speedup.calls == 0
+
+
+def test_without_flags_to_read_it_measures(tmp_path, speedup, monkeypatch):
+    monkeypatch.setattr(chooser, "cpu_flags", lambda: None)  # e.g. an ARM CPU
+    speedup.value = 2.0
+    assert choose_precision("auto", "cpu", 256, tmp_path).precision == "bf16-mixed"
+    assert speedup.calls == 1
+
+
+def test_the_measured_matmul_is_big_enough_to_time_and_small_enough_to_be_quick():
+    for width in (16, 256, 1024):
+        m, k, n = chooser.matmul_shape(width)
+        assert 512 <= m <= 8192 and (k, n) == (width, 4 * width)
+    m, k, n = chooser.matmul_shape(64)
     assert chooser.bf16_speedup(m, k, n) > 0
 
 
 def test_a_run_with_auto_says_what_it_chose_and_why(one_validation_run, cache_dir):
     run = one_validation_run
+    log = (run / "train.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    flags = chooser.cpu_flags()
+    if flags is not None and not chooser.native_bf16(flags):  # x86 without BF16: no measuring
+        reason = f"{chooser.cpu_model()} has no bf16 matmul instructions"
+        assert f"precision 32-true: {reason}" in log
+        assert summary["precision"] == f"32-true ({reason})"
+        return
     width = OmegaConf.load(run / ".hydra" / "config.yaml").model.n_embd
     cached = json.loads((cache_dir / CACHE_FILE).read_text())
     (ratio,) = [v for k, v in cached.items() if k.endswith(str(chooser.matmul_shape(width)))]
     expected = "bf16-mixed" if ratio >= BF16_MIN_SPEEDUP else "32-true"
-    log = (run / "train.log").read_text()
     assert f"precision {expected}: bf16 matmuls run at {ratio:.2f}x the fp32 rate" in log
-    summary = json.loads((run / "summary.json").read_text())
     assert summary["precision"].startswith(f"{expected} (bf16 matmuls run at")

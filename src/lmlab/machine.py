@@ -14,22 +14,37 @@ import subprocess
 import torch
 
 
-def cpu_model() -> str:
-    """The CPU as `lscpu` names it, with its family, model and widest vector instructions."""
+def _lscpu() -> dict[str, str]:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         out = ""
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+
+
+def cpu_model() -> str:
+    """The CPU as `lscpu` names it, with its family, model and widest vector instructions."""
+    fields = _lscpu()
     name = fields.get("Model name", platform.processor() or "unknown CPU").strip()
     family = fields.get("CPU family", "").strip()
     model = fields.get("Model", "").strip()
     flags = fields.get("Flags", "").split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
+    if native_bf16(flags):
         isa += " with BF16"
     where = (f", family {family}" if family else "") + (f" model {model}" if model else "")
     return f"{name}{where}, {isa}"
+
+
+def cpu_flags() -> list[str] | None:
+    """The CPU's feature flags as `lscpu` lists them; None where it lists none (not x86 Linux)."""
+    flags = _lscpu().get("Flags", "").split()
+    return flags or None
+
+
+def native_bf16(flags: list[str] | None) -> bool:
+    """Whether these x86 flags include bf16 matmul instructions (AVX-512 BF16 or AMX)."""
+    return bool(flags) and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def machine_line() -> str:

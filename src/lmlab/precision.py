@@ -7,6 +7,9 @@ matmul of the model's own width in fp32 and in bf16 (a fixed amount of work,
 well under a second even where bf16 is slow), and takes bf16-mixed when its
 matmul is at least `BF16_MIN_SPEEDUP` times faster (bf16-mixed also pays for
 casts and keeps fp32 weights, so a small win in the matmul is none in a step).
+On an x86 CPU whose flags show no bf16 matmul instructions (AVX-512 BF16 or
+AMX) there is nothing to measure: bf16 is emulated there, and oneDNN's LSTM
+has no bf16 kernel for it at all, so `auto` is fp32.
 The ratio is cached per CPU model, torch version, thread count and shape in
 `precision.json` in the cache folder, so later runs decide at once and all
 processes of one machine read the same answer. A precision given explicitly
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lmlab.atomic import write_atomically
-from lmlab.machine import cpu_model
+from lmlab.machine import cpu_flags, cpu_model, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,11 @@ def choose_precision(
         return Choice("32-true", "no GPU with bf16 found")
     if accelerator != "cpu" and accelerator != "auto":
         return Choice("32-true", f"accelerator {accelerator}: auto chooses only on CPU and GPU")
+    flags = cpu_flags()
+    if flags is not None and not native_bf16(flags):
+        # x86 without AVX-512 BF16 or AMX emulates bf16 (never faster), and some of its
+        # kernels (oneDNN's LSTM) have no bf16 path at all: no need to measure
+        return Choice("32-true", f"{cpu_model()} has no bf16 matmul instructions")
     shape = matmul_shape(width)
     key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {shape}"
     cache = Path(cache_dir).expanduser() / CACHE_FILE
@@ -87,9 +95,14 @@ def choose_precision(
 
 
 def matmul_shape(width: int) -> tuple[int, int, int]:
-    """(tokens, width, 4 * width), with as many tokens as `MATMUL_FLOPS` of work allows."""
+    """(tokens, width, 4 * width), with as many tokens as `MATMUL_FLOPS` of work allows.
+
+    Never fewer than 512 tokens: a matmul of a few microseconds measures thread wake-ups
+    (on a busy machine, fp32's two threads waited on a busy core and read 26x slower
+    than bf16), not the arithmetic.
+    """
     tokens = int(MATMUL_FLOPS / (2 * width * 4 * width))
-    return (min(512, max(16, tokens)), width, 4 * width)
+    return (min(8192, max(512, tokens)), width, 4 * width)
 
 
 def bf16_speedup(m: int, k: int, n: int) -> float:
