@@ -297,9 +297,17 @@ def test_streamed_text_is_the_line_the_batch_path_prints(strategy: str, stop_at_
 def test_one_prompt_streams_and_ctrl_c_keeps_what_was_printed(tmp_path):
     folder = export(tiny_model(seed=4), VOCAB, tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # As a terminal starts it: Ctrl-C raises KeyboardInterrupt. A child of a background job
+    # (`pytest &`, nohup) starts with SIGINT ignored, and Python then keeps it ignored.
+    as_in_a_terminal = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     process = subprocess.Popen(
         [
             sys.executable,
+            "-c",
+            as_in_a_terminal,
             str(ROOT / "generate.py"),
             f"ckpt={folder}",
             "prompt=the company",
