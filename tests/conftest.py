@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -56,6 +57,19 @@ def tiny_gpt_module(vocab: int, lr: float, scheduler: Any = None) -> LanguageMod
     words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(vocab - 2)]
     optimizer = functools.partial(torch.optim.AdamW, lr=lr)
     return LanguageModel(config, words, optimizer=optimizer, scheduler=scheduler)
+
+
+def quiet_trainer(root: Path, callbacks: list[L.Callback], **options: Any) -> L.Trainer:
+    """An in-process Lightning Trainer with no logger, bar, summary or checkpoints of its own."""
+    return L.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+        **options,
+    )
 
 
 @pytest.fixture(scope="session")

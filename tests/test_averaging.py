@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from lmlab.averaging import EMA
 
-from conftest import random_batches, tiny_gpt_module
+from conftest import quiet_trainer, random_batches, tiny_gpt_module
 
 VOCAB = 40
 
@@ -38,16 +37,8 @@ class SaveAfter(Callback):
 @pytest.mark.parametrize("decay", [0.5, 0.9])
 def test_the_average_is_the_hand_computed_ema_of_three_steps(tmp_path, decay):
     weights = Weights()
-    trainer = L.Trainer(
-        max_steps=3,
-        callbacks=[weights, EMA(decay=decay), SaveAfter(3, tmp_path / "step3.ckpt")],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    callbacks = [weights, EMA(decay=decay), SaveAfter(3, tmp_path / "step3.ckpt")]
+    trainer = quiet_trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0)
     trainer.fit(tiny_gpt_module(VOCAB, lr=1e-2), random_batches(3, VOCAB, 0))
     saved = torch.load(tmp_path / "step3.ckpt", weights_only=True)
     w1, w2, w3 = weights.after_step

@@ -11,7 +11,6 @@ import functools
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -19,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lmlab.budget import TimeBudget
 from lmlab.schedules import epoch_decay, resize, warmup_cosine
 
-from conftest import random_batches, tiny_gpt_module
+from conftest import quiet_trainer, random_batches, tiny_gpt_module
 
 VOCAB = 40
 LR = 1e-2
@@ -59,16 +58,7 @@ def _fit(callbacks: list[Callback], tmp_path: Path, epochs: int = 4, ckpt: Path 
     schedule = functools.partial(warmup_cosine, warmup_steps=2, min_lr_ratio=0.1)
     module = tiny_gpt_module(VOCAB, LR, schedule)
     lrs = LastLR()
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        callbacks=[*callbacks, lrs],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, [*callbacks, lrs], max_epochs=epochs, num_sanity_val_steps=0)
     trainer.fit(module, random_batches(50, VOCAB, 0), random_batches(10, VOCAB, 1), ckpt_path=ckpt)
     return trainer, lrs.lrs
 

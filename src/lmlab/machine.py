@@ -8,12 +8,14 @@ that does not say where it was measured cannot be compared with another.
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 
 import torch
 
 
+@functools.cache  # the CPU does not change while a process runs; lscpu costs ~10 ms
 def _lscpu() -> dict[str, str]:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
