@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.models.dropout import Dropout
-from lmlab.models.gpt import GPTLM, PRESETS, CausalSelfAttention, GPTConfig
+from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 from lmlab.models.kv_cache import KVCache
 from lmlab.parameters import parameter_counts
 
@@ -204,16 +204,6 @@ def test_dropout_is_identity_in_eval_mode_and_at_p_zero():
     x = torch.randn(3, 5)
     assert Dropout(0.3).eval()(x) is x
     assert Dropout(0.0).train()(x) is x
-
-
-def test_attention_with_dropout_path_is_causal_attention():
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    attention = CausalSelfAttention(config, layer=0)
-    q, k, v = torch.randn(3, 2, 3, 16, 16).unbind(0)
-    attention.attn_dropout.eval()  # the path's math, without the random mask
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(attention._attention_with_dropout(q, k, v), expected)
 
 
 def test_training_with_dropout_stays_causal():

@@ -78,18 +78,72 @@ def test_every_target_ignored_gives_nan_as_cross_entropy_does():
     assert torch.isnan(F.cross_entropy(hidden @ weight.T, targets))
 
 
-def test_under_autocast_it_is_the_plain_mixed_precision_loss():
-    hidden, weight, targets = problem(40, torch.float32)
+def matmul_dtypes(run) -> set[str]:
+    """The input dtypes of every aten::mm that `run()` calls, from torch's profiler."""
+    with torch.profiler.profile(record_shapes=True) as profile:
+        run()
+    return {d for e in profile.events() if e.name == "aten::mm" for d in e.input_dtypes if d}
+
+
+@pytest.mark.parametrize("chunk_rows", [16, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_under_bf16_autocast_the_matmuls_are_bf16_and_the_gradients_float32(
+    chunk_rows: int, with_bias: bool
+):
+    hidden, weight, targets = problem(53, torch.float32)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(1)) if with_bias else None
+    bias = None if bias is None else bias.requires_grad_()
+    params = (hidden, weight) + ((bias,) if with_bias else ())
+    exact = F.cross_entropy(
+        F.linear(hidden.double(), weight.double(), None if bias is None else bias.double()),
+        targets,
+    )
+    exact_grads = torch.autograd.grad(exact, params)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = linear_cross_entropy(hidden, weight, targets)
-        plain = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, bias=bias)
+        bf16_logits = F.linear(hidden, weight, bias)
+    assert bf16_logits.dtype == torch.bfloat16
+    plain = F.cross_entropy(bf16_logits.float(), targets)  # the reference: bf16 logits
     assert fused.dtype == torch.float32
-    torch.testing.assert_close(fused, plain)
+    # bf16 rounds each logit by up to 2^-9 of it; both losses carry that error, alike
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=0)
+    assert abs(fused.item() - exact.item()) < 2e-2
+    fused_grads = torch.autograd.grad(fused, params)
+    plain_grads = torch.autograd.grad(plain, params)
+    for got, reference, truth in zip(fused_grads, plain_grads, exact_grads, strict=True):
+        assert got.dtype == torch.float32
+        scale = truth.abs().max()
+        torch.testing.assert_close(got, reference, rtol=0, atol=2e-2 * float(scale))
+        torch.testing.assert_close(got, truth, rtol=0, atol=2e-2 * float(scale))
+    assert fused_grads[0][::5].abs().max() == 0  # ignored rows get no gradient
+
+    def forward_and_backward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows).backward()
+
+    assert matmul_dtypes(forward_and_backward) == {"c10::BFloat16"}
 
 
-def test_16_bit_weights_get_float32_logits():
+def test_bf16_weights_get_a_float32_loss_and_bf16_gradients():
     hidden, weight, targets = problem(40, torch.float32)
-    hidden, weight = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    weight = weight.detach().bfloat16().requires_grad_()
+    fused = linear_cross_entropy(hidden, weight, targets)
+    plain = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=0)
+    for got, expected in zip(
+        torch.autograd.grad(fused, (hidden, weight)),
+        torch.autograd.grad(plain, (hidden, weight)),
+        strict=True,
+    ):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_float16_falls_back_to_float32_logits():
+    hidden, weight, targets = problem(40, torch.float32)
+    hidden, weight = hidden.detach().half(), weight.detach().half()
     fused = linear_cross_entropy(hidden, weight, targets)
     assert fused.dtype == torch.float32
     torch.testing.assert_close(

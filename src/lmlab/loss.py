@@ -14,6 +14,12 @@ the (rows, vocab) gradient. Both gradients are finished in the forward pass,
 and backward hands them on, scaled only when the loss was. Same loss and
 gradients up to float rounding (tests/test_loss.py), about 1.4x the training
 throughput of the `small` model on 2 CPU cores (benchmarks/train_speed.py).
+
+In bf16 (under bf16 autocast, or with bf16 weights) the three matmuls run in
+bf16, where a CPU with AMX or AVX-512 BF16 runs them at 3-4x the fp32 rate,
+while the exponentials, their sums, the loss and the gradients' accumulation
+across chunks stay in float32, and each gradient comes back in its input's
+dtype (float32 master weights get float32 gradients).
 """
 
 from __future__ import annotations
@@ -44,71 +50,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         chunk_rows: int,
         mean: bool,
+        compute_dtype: torch.dtype,
     ) -> Tensor:
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.empty_like(weight) if want_weight else None
-        grad_bias = torch.empty_like(bias).view(1, -1) if want_bias else None
-        counted = targets != ignore_index
-        count = counted.sum()
-        # Each counted row weighs 1 in the sum, 1 / count in the mean (nan if none counts).
-        row_weight = counted.to(hidden.dtype)[:, None]
-        if mean:
-            row_weight = row_weight / count
-        safe_targets = targets.masked_fill(~counted, 0)[:, None]  # any valid index; masked below
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        # One buffer for every chunk's logits, so the same memory stays in cache.
-        buffer = hidden.new_empty(min(chunk_rows, hidden.size(0)), weight.size(0))
-        # Without the max-shift, exp cannot overflow (nor can its sum over the vocabulary,
-        # nor underflow below normal floats) while every |logit| <= ||h|| * max ||w|| stays
-        # under `limit`: 25 for a trained `small` model, where `limit` is 78 in float32.
-        finfo = torch.finfo(hidden.dtype)
-        limit = min(math.log(finfo.max / max(weight.size(0), 1)), -math.log(finfo.tiny)) - 1
-        # Checking the bound reads it on the host: free on CPU, a sync on other devices,
-        # and a graph break under torch.compile (whose fused log-softmax needs no help).
-        largest_row = largest_bias = None
-        if hidden.device.type == "cpu" and weight.numel() and not torch.compiler.is_compiling():
-            largest_row = torch.linalg.vector_norm(weight, dim=1).max()
-            largest_bias = 0.0 if bias is None else bias.abs().max()
-        for start in range(0, hidden.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, target = hidden[rows], safe_targets[rows]
-            logits = torch.mm(h, weight.T, out=buffer[: h.size(0)])  # (rows, vocab)
-            if bias is not None:
-                # Added after the matmul: addmm into `out` first copies the broadcast bias
-                # there, a full extra pass (3.5 ms of a 67 ms LSTM step on 2 CPU cores).
-                logits.add_(bias)
-            unshifted = largest_row is not None and bool(
-                torch.linalg.vector_norm(h, dim=1).max() * largest_row + largest_bias <= limit
+        # The casts below are the whole of mixed precision here: autocast would recast
+        # every mm and cannot write into the preallocated buffers.
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grads = _fused_loss_and_grads(
+                hidden,
+                weight,
+                bias,
+                targets,
+                ignore_index,
+                chunk_rows,
+                mean,
+                compute_dtype,
+                ctx.needs_input_grad[:3],
             )
-            exps, sums, nll = exp_logits_and_nll(logits, target, unshifted)
-            total += (nll * counted[rows, None]).sum(dtype=torch.float64)
-            if want_hidden or want_weight or want_bias:
-                # d(mean nll)/d(logits) = (exps / sums - one_hot) * row weight
-                #                       = (exps - sums * one_hot) * (row weight / sums):
-                # the last factor goes on the (rows, C) side of each matmul, a 40x
-                # smaller pass than scaling the (rows, vocab) gradient.
-                grad = exps.scatter_add_(1, target, -sums)
-                scale = row_weight[rows] / sums
-                if want_hidden:
-                    torch.mm(grad, weight, out=grad_hidden[rows]).mul_(scale)
-                if want_weight and start == 0:  # no zero-filled accumulator to read
-                    torch.mm(grad.T, h * scale, out=grad_weight)
-                elif want_weight:
-                    grad_weight.addmm_(grad.T, h * scale)
-                if want_bias and start == 0:  # the bias gradient sums the rows' gradients
-                    torch.mm(scale.T, grad, out=grad_bias)
-                elif want_bias:
-                    grad_bias.addmm_(scale.T, grad)
-        if hidden.size(0) == 0:
-            for grad in (grad_weight, grad_bias):
-                if grad is not None:
-                    grad.zero_()
         # Kept on ctx rather than saved: backward hands them on and drops its own
         # reference, so autograd can accumulate into these buffers instead of copying.
-        ctx.grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.view(-1))
-        # 0 / 0 gives nan when every target is ignored, as F.cross_entropy does.
-        return (total / count if mean else total).to(hidden.dtype)
+        ctx.grads = grads
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -128,7 +89,126 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for grad in (grad_hidden, grad_weight, grad_bias):
                 if grad is not None:
                     grad.mul_(grad_loss)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _fused_loss_and_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+    mean: bool,
+    compute_dtype: torch.dtype,
+    needs_grad: tuple[bool, ...],
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """The loss (at least float32) and its gradients (each in its input's dtype).
+
+    The matmuls run in `compute_dtype`. In bf16 the logits and their exponentials
+    stay bf16 (a CPU mm cannot write float32 from bf16 inputs, and the gradient
+    matmuls take bf16 anyway), while the row sums, the loss, each target's
+    gradient (where softmax minus one-hot cancels) and the sums across chunks are
+    float32.
+    """
+    want_hidden, want_weight, want_bias = needs_grad
+    acc = torch.float32 if compute_dtype == torch.bfloat16 else compute_dtype
+    h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    grad_hidden = hidden.new_empty(hidden.shape, dtype=acc) if want_hidden else None
+    grad_weight = weight.new_empty(weight.shape, dtype=acc) if want_weight else None
+    grad_bias = bias.new_empty((1, bias.numel()), dtype=acc) if want_bias else None
+    counted = targets != ignore_index
+    count = counted.sum()
+    # Each counted row weighs 1 in the sum, 1 / count in the mean (nan if none counts).
+    row_weight = counted.to(acc)[:, None]
+    if mean:
+        row_weight = row_weight / count
+    safe_targets = targets.masked_fill(~counted, 0)[:, None]  # any valid index; masked below
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    # One buffer for every chunk's logits, so the same memory stays in cache.
+    buffer = h_all.new_empty(min(chunk_rows, hidden.size(0)), weight.size(0))
+    # Without the max-shift, exp cannot overflow (nor can its sum over the vocabulary,
+    # nor underflow below normal floats) while every |logit| <= ||h|| * max ||w|| stays
+    # under `limit`: 25 for a trained `small` model, where `limit` is 78 in float32 (and
+    # in bf16, whose range is float32's; its rounding of the logits, 0.4%, is inside
+    # the margin of 1).
+    finfo = torch.finfo(acc)
+    limit = min(math.log(finfo.max / max(weight.size(0), 1)), -math.log(finfo.tiny)) - 1
+    # Checking the bound reads it on the host: free on CPU, a sync on other devices,
+    # and a graph break under torch.compile (whose fused log-softmax needs no help).
+    largest_row = largest_bias = None
+    if hidden.device.type == "cpu" and weight.numel() and not torch.compiler.is_compiling():
+        largest_row = torch.linalg.vector_norm(weight, dim=1).max()
+        largest_bias = 0.0 if bias is None else bias.abs().max()
+    for start in range(0, hidden.size(0), chunk_rows):
+        rows, first = slice(start, start + chunk_rows), start == 0
+        h, target = h_all[rows], safe_targets[rows]
+        logits = torch.mm(h, w.T, out=buffer[: h.size(0)])  # (rows, vocab)
+        if bias is not None:
+            # Added after the matmul: addmm into `out` first copies the broadcast bias
+            # there, a full extra pass (3.5 ms of a 67 ms LSTM step on 2 CPU cores).
+            logits.add_(bias.to(compute_dtype))
+        unshifted = largest_row is not None and bool(
+            torch.linalg.vector_norm(hidden[rows], dim=1).max() * largest_row + largest_bias
+            <= limit
+        )
+        exps, sums, nll = exp_logits_and_nll(logits, target, unshifted)
+        total += (nll * counted[rows, None]).sum(dtype=torch.float64)
+        if not (want_hidden or want_weight or want_bias):
+            continue
+        # d(mean nll)/d(logits) = (exps / sums - one_hot) * row weight
+        #                       = (exps - sums * one_hot) * (row weight / sums):
+        # the last factor goes on the (rows, C) side of each matmul, a 40x smaller
+        # pass than scaling the (rows, vocab) gradient. At the target, exps - sums
+        # = sums * (p - 1) = sums * expm1(-nll), exact even where p is close to 1.
+        grad = set_at_targets(exps, target, sums * torch.expm1(-nll))
+        scale = row_weight[rows] / sums
+        if want_hidden and grad.dtype == acc:
+            torch.mm(grad, w, out=grad_hidden[rows]).mul_(scale)
+        elif want_hidden:
+            torch.mul(torch.mm(grad, w), scale, out=grad_hidden[rows])
+        if want_weight:
+            _accumulate(grad_weight, grad.T, (h * scale).to(compute_dtype), first)
+        if want_bias:  # the bias gradient sums the rows' gradients
+            _accumulate(grad_bias, scale.T.to(compute_dtype), grad, first)
+    if hidden.size(0) == 0:
+        for grad in (grad_weight, grad_bias):
+            if grad is not None:
+                grad.zero_()
+    if grad_bias is not None:
+        grad_bias = grad_bias.view(-1)
+    grads = (
+        None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+    # 0 / 0 gives nan when every target is ignored, as F.cross_entropy does.
+    loss = total / count if mean else total
+    return loss.to(torch.promote_types(hidden.dtype, acc)), grads
+
+
+def _accumulate(total: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """`total = a @ b` on the first chunk, `total += a @ b` after: the product in a's dtype,
+    the sum in total's (no zero-filled accumulator is read)."""
+    if a.dtype != total.dtype:
+        product = torch.mm(a, b)
+        total.copy_(product) if first else total.add_(product)
+    elif first:
+        torch.mm(a, b, out=total)
+    else:
+        total.addmm_(a, b)
+
+
+def set_at_targets(values: Tensor, target: Tensor, new: Tensor) -> Tensor:
+    """`values.scatter_(1, target, new)` for (rows, vocab) `values`, (rows, 1) `target` and `new`.
+
+    Through the flat view: a bf16 `scatter_` on CPU costs a pass over all of
+    `values` (1.2 ms for 512 x 10,000), this one write per row.
+    """
+    rows, vocab = values.shape
+    flat = target[:, 0] + torch.arange(rows, device=target.device) * vocab
+    values.view(-1).index_copy_(0, flat, new[:, 0].to(values.dtype))
+    return values
 
 
 def exp_logits_and_nll(
@@ -139,16 +219,24 @@ def exp_logits_and_nll(
     The softmax is exps / sums. `unshifted` (the caller has bounded every logit
     well below exp's overflow): one exp pass and one sum, the cheapest on a
     CPU. Otherwise a log-softmax, which shifts each row by its max, then exp:
-    one more pass, and the sums are 1.
+    one more pass, and the sums are 1. The sums and the NLL are at least
+    float32; bf16 logits get bf16 exponentials (their log-softmax is float32).
     """
+    acc = torch.promote_types(logits.dtype, torch.float32)
     if unshifted:
-        target_logit = logits.gather(1, target)
+        target_logit = logits.gather(1, target).to(acc)
         exps = logits.exp_()
-        sums = exps.sum(dim=-1, keepdim=True)
+        # bf16 sums accumulate in float32, then round to bf16: 2^-9 of the NLL at most, a
+        # tenth of the logits' own rounding (a float32 sum of bf16 costs a whole copy).
+        sums = exps.sum(dim=-1, keepdim=True).to(acc)
         return exps, sums, sums.log() - target_logit
-    log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+    if logits.dtype == acc:
+        log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+    else:
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=acc)
     nll = -log_probs.gather(1, target)
-    return log_probs.exp_(), torch.ones_like(nll), nll
+    exps = log_probs.exp_()
+    return (exps if exps is logits else logits.copy_(exps)), torch.ones_like(nll), nll
 
 
 def linear_cross_entropy(
@@ -165,10 +253,9 @@ def linear_cross_entropy(
     `hidden` (N, C), `weight` (vocab, C), `bias` (vocab,) or None, `targets` (N,). `reduction="mean"`
     gives the mean over the counted targets (training's loss); `"sum"` gives
     `(summed NLL, number of counted targets)`, what a perplexity over a whole
-    split accumulates. Under autocast, or with 16-bit weights
-    (`trainer.precision=bf16-true`), this falls back to the plain computation
-    with float32 logits: a softmax summed in 16 bits would lose the loss's
-    precision, and mixed precision already makes the logits cheaper.
+    split accumulates. In bf16 (bf16 autocast, or `trainer.precision=bf16-true`'s
+    bf16 weights) the matmuls run in bf16 and the rest in float32, and the loss is
+    float32. float16 falls back to the plain computation with float32 logits.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
@@ -177,15 +264,27 @@ def linear_cross_entropy(
         )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    half = hidden.dtype not in (torch.float32, torch.float64)
-    if half or torch.is_autocast_enabled(hidden.device.type):
-        logits = F.linear(hidden, weight, bias).float()
+    compute_dtype = matmul_dtype(hidden, weight)
+    if compute_dtype == torch.float16:
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = F.linear(hidden.half(), weight.half(), bias).float()
         loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     else:
         mean = reduction == "mean"
         loss = _LinearCrossEntropy.apply(
-            hidden, weight, bias, targets, ignore_index, chunk_rows, mean
+            hidden, weight, bias, targets, ignore_index, chunk_rows, mean, compute_dtype
         )
     if reduction == "mean":
         return loss
     return loss, (targets != ignore_index).sum()
+
+
+def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the output layer's matmuls run in: autocast's if it is on, else the inputs'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    for low in (torch.bfloat16, torch.float16):
+        if low in (hidden.dtype, weight.dtype):
+            return low
+    return torch.promote_types(hidden.dtype, weight.dtype)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmlab.loss import linear_cross_entropy
+from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
@@ -91,8 +92,8 @@ class CausalSelfAttention(nn.Module):
             for t in self.qkv(x).split(C, dim=2)
         )
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        if cache is None and offset is None and dropout_p > 0 and x.device.type == "cpu":
-            y = self._attention_with_dropout(q, k, v)
+        if cache is None and offset is None and prefers_written_out(q, dropout_p):
+            y = causal_attention(q, k, v, self.attn_dropout)
         elif cache is None and offset is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -107,25 +108,6 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
-
-    def _attention_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention with dropout on the weights, as SDPA computes it.
-
-        With dropout, SDPA on CPU falls back to this same math but draws its mask
-        with `bernoulli_`; written out, the mask is `Dropout`'s cheaper one, and
-        the scale and the causal mask ride on the matmul: 1.7x faster.
-        """
-        B, nh, T, hd = q.shape
-        future = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
-        # scores = future + q k^T / sqrt(hd), one op: (B * nh, T, T)
-        scores = torch.baddbmm(
-            future,
-            q.reshape(B * nh, T, hd),
-            k.reshape(B * nh, T, hd).transpose(1, 2),
-            alpha=hd**-0.5,
-        )
-        weights = self.attn_dropout(scores.softmax(dim=-1))
-        return (weights @ v.reshape(B * nh, T, hd)).view(B, nh, T, hd)
 
 
 class MLP(nn.Module):

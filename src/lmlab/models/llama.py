@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lmlab.checks import is_real
 from lmlab.loss import linear_cross_entropy
+from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
@@ -130,6 +131,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.attn_dropout = config.attn_dropout
+        self.weights_dropout = Dropout(config.attn_dropout)  # when written out on CPU
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(
@@ -142,7 +144,11 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         dropout_p = self.attn_dropout if self.training else 0.0
         grouped = self.kv_heads != self.n_head
-        if cache is None and offset is None:
+        if cache is None and offset is None and prefers_written_out(q, dropout_p):
+            repeat = self.n_head // self.kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            y = causal_attention(q, k, v, self.weights_dropout)
+        elif cache is None and offset is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped
             )
