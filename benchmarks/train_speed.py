@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
 from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
+from lmlab.precision import choose_precision
 
 VOCAB_SIZE = 10_000
 SEQ_LEN = 64
@@ -185,7 +187,7 @@ def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
 VARIANTS = [
     Variant("plain fp32 (reference)", "plain", loss="logits", fused=False),
     Variant("plain fp32 fused loss+AdamW", "plain"),
-    Variant("lightning fp32 (default)", "lightning"),
+    Variant("lightning fp32", "lightning"),
     Variant("lightning fp32 foreach AdamW", "lightning", fused=False),
     Variant("plain bf16-mixed", "plain", precision="bf16-mixed"),
     Variant("lightning bf16-mixed", "lightning", precision="bf16-mixed"),
@@ -215,6 +217,18 @@ def main() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
 
     config = model_config()
+    # What train.py's defaults (trainer.precision=auto, compile=false) run on this machine:
+    # measured afresh, not read from a user's cache.
+    with tempfile.TemporaryDirectory() as cache_dir:
+        default = choose_precision("auto", "cpu", config.n_embd, cache_dir)
+    default_name = next(
+        v.name
+        for v in VARIANTS
+        if v.runner == "lightning"
+        and v.precision == default.precision
+        and v.fused
+        and not v.compile
+    )
     speeds: dict[str, list[float]] = {v.name: [] for v in variants}
     peaks: dict[str, list[float]] = {name: [] for name in MATMUL_DTYPES}
     for _ in range(rounds):
@@ -260,9 +274,13 @@ def main() -> None:
         mfu = speed * flops_per_token(config) / peak[dtype]
         same_setup = plain_by_setup.get((variant.precision, variant.loss, variant.fused))
         ratio_same = f"{speed / same_setup:.3f}" if same_setup else "-"
-        print(
-            f"{variant.name:34} {speed:9.0f} {mfu:6.1%} {speed / reference:12.3f} {ratio_same:>19}"
-        )
+        name = variant.name + (" (default)" if variant.name == default_name else "")
+        print(f"{name:34} {speed:9.0f} {mfu:6.1%} {speed / reference:12.3f} {ratio_same:>19}")
+    print(f"default: trainer.precision=auto chose {default.precision} ({default.reason})")
+    fastest = max(variants, key=lambda v: statistics.median(speeds[v.name]))
+    if default_name in speeds:
+        ratio = statistics.median(speeds[default_name]) / statistics.median(speeds[fastest.name])
+        print(f"default / fastest ({fastest.name}): {ratio:.3f}")
 
 
 if __name__ == "__main__":

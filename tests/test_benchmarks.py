@@ -48,8 +48,9 @@ def test_train_speed_prints_every_variant(monkeypatch):
     for line in result.stdout.splitlines():
         for name in expected:
             if line.startswith(name + " "):
-                rows[name] = line[len(name) :].split()
+                rows[name] = line[len(name) :].replace("(default)", "").split()
     assert set(rows) == expected
+    assert "default: trainer.precision=auto chose " in result.stdout
     for tokens_per_s, mfu, ratio, _ in rows.values():
         assert float(tokens_per_s) > 0 and 0 < float(mfu.rstrip("%")) < 100 and float(ratio) > 0
 

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmlab import precision as chooser
+from lmlab.errors import UserError
 from lmlab.precision import BF16_MIN_SPEEDUP, CACHE_FILE, choose_precision
 
 
@@ -119,3 +120,18 @@ def test_a_run_with_auto_says_what_it_chose_and_why(one_validation_run, cache_di
     expected = "bf16-mixed" if ratio >= BF16_MIN_SPEEDUP else "32-true"
     assert f"precision {expected}: bf16 matmuls run at {ratio:.2f}x the fp32 rate" in log
     assert summary["precision"].startswith(f"{expected} (bf16 matmuls run at")
+
+
+@pytest.mark.parametrize("explicit", ["bf16-mixed", "bf16-true"])
+def test_an_explicit_bf16_lstm_on_a_cpu_without_bf16_is_one_line(tmp_path, monkeypatch, explicit):
+    monkeypatch.setattr(chooser, "cpu_flags", lambda: ["avx2", "fma"])
+    with pytest.raises(
+        UserError,
+        match=rf"^trainer.precision={explicit}: the LSTM has no bf16 "
+        r"kernel on .* \(no AVX-512 BF16 or AMX\); use trainer.precision=32-true",
+    ):
+        choose_precision(explicit, "cpu", 200, tmp_path, recurrent=True)
+    # a Transformer runs (slowly) in emulated bf16, and a bf16 CPU runs the LSTM
+    assert choose_precision(explicit, "cpu", 200, tmp_path).precision == explicit
+    monkeypatch.setattr(chooser, "cpu_flags", lambda: ["avx512f", "amx_bf16"])
+    assert choose_precision(explicit, "cpu", 200, tmp_path, recurrent=True).precision == explicit

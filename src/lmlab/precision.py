@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lmlab.atomic import write_atomically
+from lmlab.errors import UserError
 from lmlab.machine import cpu_flags, cpu_model, native_bf16
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,22 @@ def choose_precision(
     accelerator: str,
     width: int,
     cache_dir: str | Path,
+    recurrent: bool = False,
 ) -> Choice:
     """The Lightning precision for `requested` (`auto` or an explicit value) on this machine.
 
     `width` is the model's hidden size: the matmul timed is tokens x width x 4*width,
-    the shape of its MLP.
+    the shape of its MLP. `recurrent`: the model runs `nn.LSTM`, whose oneDNN kernel
+    has no bf16 path on a CPU without bf16 instructions (it fails inside oneDNN).
     """
     if requested != AUTO:
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        flags = cpu_flags() if on_cpu else None
+        if recurrent and str(requested).startswith("bf16") and flags and not native_bf16(flags):
+            raise UserError(
+                f"trainer.precision={requested}: the LSTM has no bf16 kernel on {cpu_model()} "
+                "(no AVX-512 BF16 or AMX); use trainer.precision=32-true or auto"
+            )
         return Choice(str(requested), "set by trainer.precision")
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

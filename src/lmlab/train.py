@@ -57,7 +57,11 @@ def main(cfg: DictConfig) -> dict:
     )
     output_dir = Path(cfg.paths.output_dir)
     precision = choose_precision(
-        cfg.trainer.precision, cfg.trainer.accelerator, model_config.n_embd, datamodule.cache_root
+        cfg.trainer.precision,
+        cfg.trainer.accelerator,
+        model_config.n_embd,
+        datamodule.cache_root,
+        recurrent=model_config.family == "lstm",
     )
     log.info("precision %s: %s", precision.precision, precision.reason)
     trainer = instantiate(
