@@ -9,7 +9,9 @@ The reference is pytorch/examples' word_language_model set-up: `nn.Embedding`, a
 logits, SGD and gradient clipping, the hidden state carried (detached) from one
 window to the next. lmlab's row is the real LightningModule and Trainer with
 `model=lstm_small`'s shape (untied, no dropout, as Zaremba's small model),
-`data.order=contiguous` and its fused output-layer loss. Rounds alternate
+`data.order=contiguous` and its fused output-layer loss, in fp32 and, where
+`trainer.precision=auto` chooses otherwise on this machine, in that precision too
+(the row marked default is what train.py runs). Rounds alternate
 between the two so that the machine's drift hits both alike; each speed is the
 median step of a timed window, the table quotes the median of the rounds.
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 import warnings
+from functools import partial
 
 import lightning as L
 import torch
@@ -32,6 +36,7 @@ from lmlab.data import BatchLoader, keep_batch
 from lmlab.lit_module import LanguageModel
 from lmlab.machine import machine_line
 from lmlab.models.lstm import LSTMConfig
+from lmlab.precision import choose_precision
 from lmlab.streams import StreamWindows, WindowOrder
 
 VOCAB_SIZE = 10_000
@@ -83,7 +88,7 @@ def plain_loop(warmup: int, steps: int) -> float:
     return tokens_per_second(starts)
 
 
-def lightning_loop(warmup: int, steps: int) -> float:
+def lightning_loop(warmup: int, steps: int, precision: str = "32-true") -> float:
     torch.manual_seed(0)
     config = LSTMConfig(
         vocab_size=VOCAB_SIZE,
@@ -106,6 +111,7 @@ def lightning_loop(warmup: int, steps: int) -> float:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
+        precision=precision,
         max_steps=warmup + steps,
         gradient_clip_val=5.0,
         logger=False,
@@ -130,7 +136,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(logger).setLevel(logging.ERROR)
+    # What train.py's default trainer.precision=auto runs on this machine, measured afresh.
+    with tempfile.TemporaryDirectory() as cache_dir:
+        default = choose_precision("auto", "cpu", WIDTH, cache_dir, recurrent=True)
     rows = {"plain nn.LSTM loop (reference)": plain_loop, "lmlab lstm, Lightning": lightning_loop}
+    if default.precision != "32-true":
+        rows[f"lmlab lstm, Lightning, {default.precision}"] = partial(
+            lightning_loop, precision=default.precision
+        )
+    default_row = list(rows)[-1]
     speeds: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(rounds):
         for name, run in rows.items():
@@ -141,11 +155,13 @@ def main() -> None:
         f"clip 5; median of {steps} timed steps after {warmup}, median of {rounds} rounds"
     )
     reference = statistics.median(speeds["plain nn.LSTM loop (reference)"])
-    print(f"{'variant':34} {'tokens/s':>9} {'x reference':>12}")
-    print("-" * 57)
+    print(f"{'variant':45} {'tokens/s':>9} {'x reference':>12}")
+    print("-" * 68)
     for name in rows:
         speed = statistics.median(speeds[name])
-        print(f"{name:34} {speed:9.0f} {speed / reference:12.3f}")
+        label = name + (" (default)" if name == default_row else "")
+        print(f"{label:45} {speed:9.0f} {speed / reference:12.3f}")
+    print(f"default: trainer.precision=auto chose {default.precision} ({default.reason})")
 
 
 if __name__ == "__main__":

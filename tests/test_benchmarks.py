@@ -81,3 +81,17 @@ def test_loss_speed_prints_every_variant():
         # the ratio is of unrounded times: allow for rounding both to 0.1 ms, and it to 0.001
         rounding = reference_ms / ms * (0.05 / reference_ms + 0.05 / ms) + 0.0005
         assert float(ratio) == pytest.approx(reference_ms / ms, abs=rounding)
+
+
+def test_lstm_speed_prints_the_plain_loop_and_lmlab_and_marks_the_default():
+    result = run_entry_point("benchmarks/lstm_speed.py", "--quick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    rows = [line for line in lines if line.startswith(("plain nn.LSTM", "lmlab lstm"))]
+    assert rows[0].startswith("plain nn.LSTM loop (reference)") and rows[0].split()[-1] == "1.000"
+    assert rows[1].startswith("lmlab lstm, Lightning ")
+    assert sum("(default)" in row for row in rows) == 1  # fp32's row, or auto's other choice
+    for row in rows:
+        assert float(row.split()[-2]) > 0 and float(row.split()[-1]) > 0
+    assert any(line.startswith("default: trainer.precision=auto chose ") for line in lines)
