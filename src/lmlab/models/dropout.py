@@ -43,7 +43,8 @@ class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            # compiled, inductor fuses the mask into its kernel (no graph break)
             return F.dropout(x, self.p, training=True)
         # The scale rides on a float mask: one multiply each way, autograd saves only
         # the mask, and no 0/1 mask of another dtype is converted on every multiply.
@@ -60,7 +61,7 @@ class LockedDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - self.p) / (1 - self.p)
             return x * mask
         return (x * keep_mask((x.size(0), 1, x.size(2)), self.p, x)).to(x.dtype)
@@ -71,7 +72,7 @@ def embedding_dropout(embedding: nn.Embedding, idx: Tensor, p: float, training: 
     if not training or p == 0.0:
         return embedding(idx)
     weight = embedding.weight
-    if weight.device.type == "cpu":
+    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
         mask = keep_mask((weight.size(0), 1), p, weight)
     else:
         mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
