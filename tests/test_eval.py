@@ -26,7 +26,7 @@ from lmlab.models.gpt import GPTLM, GPTConfig
 from lmlab.models.kv_cache import KVCache
 from lmlab.vocab import Vocabulary
 
-from conftest import ROOT, run_entry_point, tiny_overrides
+from conftest import ROOT, evaluate_tiny, fixture_data, run_entry_point, tiny_overrides
 
 VOCAB = Vocabulary(["<eos>", "<unk>", *(f"w{i}" for i in range(14))])
 
@@ -157,6 +157,27 @@ def test_bleu_scores_continuations_against_the_rest_of_each_sentence(strategy):
         (["bleu.strategy=best"], r"bleu: strategy must be one of greedy, sample, beam"),
         (["bleu.num_beams=0"], r"bleu: num_beams must be an integer >= 1"),
         (["ckpt=null"], r"pass ckpt= a \.ckpt file"),
+        (["dynamic_eval.enabled=yes"], r"dynamic_eval.enabled must be true or false, got 'yes'"),
+        (
+            ["dynamic_eval.enabled=true", "dynamic_eval.method=adam"],
+            r"dynamic_eval.method must be one of sgd, rms; got 'adam'",
+        ),
+        (
+            ["dynamic_eval.enabled=true", "dynamic_eval.lr=-1"],
+            r"dynamic_eval.lr must be a number >= 0, got -1",
+        ),
+        (
+            ["dynamic_eval.enabled=true", "dynamic_eval.decay=1.5"],
+            r"dynamic_eval.decay must be a number in \[0, 1\), got 1.5",
+        ),
+        (
+            ["dynamic_eval.enabled=true", "dynamic_eval.segment=0"],
+            r"dynamic_eval.segment must be a positive integer, got 0",
+        ),
+        (
+            ["dynamic_eval.enabled=true", "dynamic_eval.epsilon=0"],
+            r"dynamic_eval.epsilon must be a positive number, got 0",
+        ),
     ],
 )
 def test_bad_values_are_refused(overrides, message):
@@ -213,3 +234,53 @@ def test_eval_reproduces_the_validation_perplexity_training_logged(
     )
     assert report["seq_len"] == 16 and report["stride"] is None
     assert report["bleu"]["sentences"] == 10 and 0 <= report["bleu"]["bleu"] <= 1
+
+
+@pytest.mark.slow
+def test_dynamic_eval_reports_its_perplexity_beside_the_static_one(
+    trained_run, corpus_dir, cache_dir, tmp_path
+):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    learning = ["dynamic_eval.enabled=true", "dynamic_eval.segment=4", "split=valid"]
+    report = evaluate_tiny(
+        ckpt, corpus_dir, cache_dir, tmp_path / "rms.json", *learning, "dynamic_eval.lr=1e-4"
+    )
+    dynamic = report["dynamic_eval"]
+    assert dynamic["method"] == "rms" and dynamic["segment"] == 4 and dynamic["lr"] == 1e-4
+    assert dynamic["tokens"] == report["tokens"]  # every token scored once, both ways
+    assert dynamic["ppl"] != report["ppl"]  # it learned from the text
+    still = evaluate_tiny(
+        ckpt, corpus_dir, cache_dir, tmp_path / "sgd.json", *learning,
+        "dynamic_eval.method=sgd", "dynamic_eval.lr=0", "dynamic_eval.decay=0", "stride=4",
+    )  # fmt: skip
+    # no learning: the static perplexity of the same windows (seq_len 16, advancing by 4)
+    assert still["dynamic_eval"]["ppl"] == pytest.approx(still["ppl"], rel=1e-5)
+    result = run_entry_point(
+        "eval.py", f"ckpt={ckpt}", *fixture_data(corpus_dir, cache_dir), "bleu.num_sentences=0",
+        "dynamic_eval.enabled=true", "dynamic_eval.segment=17",
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: dynamic_eval.segment=17 exceeds seq_len=16: a segment is scored inside one "
+        "window; use a segment <= seq_len"
+    ]
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_each_jobs_results_in_its_own_folder(
+    trained_run, corpus_dir, cache_dir, tmp_path
+):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    beside = ckpt.with_name("best.eval_valid.json")  # another test may have written it
+    before = beside.read_bytes() if beside.exists() else None
+    result = run_entry_point(
+        "eval.py", "-m", f"ckpt={ckpt}", *fixture_data(corpus_dir, cache_dir), "split=valid",
+        "bleu.num_sentences=0", "dynamic_eval.enabled=true", "dynamic_eval.method=sgd",
+        "dynamic_eval.lr=0,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = [
+        json.loads((tmp_path / "sweep" / job / "eval_valid.json").read_text()) for job in "01"
+    ]
+    assert [r["dynamic_eval"]["lr"] for r in reports] == [0, 0.01]
+    assert reports[0]["dynamic_eval"]["ppl"] != reports[1]["dynamic_eval"]["ppl"]
+    assert (beside.read_bytes() if beside.exists() else None) == before  # left alone

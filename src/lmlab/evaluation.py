@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
 from lmlab.checkpoint import load_model
-from lmlab.checks import is_int, is_positive_int
+from lmlab.checks import is_int, is_number, is_positive_int
 from lmlab.download import is_url
+from lmlab.dynamic_eval import METHODS, DynamicEval, dynamic_perplexity, gradient_rms
 from lmlab.errors import UserError
 from lmlab.generation import (
     Decoding,
@@ -34,6 +38,7 @@ from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
 
 EVAL_ORDERS = ("blocks", "contiguous")
+DYNAMIC_KEYS = ("lr", "decay", "method", "segment", "epsilon", "stat_batches")
 
 
 def read_text(cfg: Mapping) -> tuple[list[str], str]:
@@ -67,26 +72,6 @@ def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor
 # Perplexity.
 
 
-def _windows(
-    tokens: Tensor, seq_len: int, stride: int, eos_id: int, ignore_index: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Windows of `seq_len` tokens advancing by `stride`; each scores only tokens not yet scored."""
-    stream = torch.cat([torch.tensor([eos_id]), tokens.long()])
-    inputs, targets = stream[:-1], stream[1:]
-    total = len(targets)
-    scored = 0  # targets [0, scored) already have a prediction
-    begin = 0
-    while scored < total:
-        end = min(begin + seq_len, total)
-        x = inputs.new_full((seq_len,), eos_id)
-        y = targets.new_full((seq_len,), ignore_index)
-        x[: end - begin] = inputs[begin:end]
-        y[scored - begin : end - begin] = targets[scored:end]
-        yield x, y
-        scored = end
-        begin += stride
-
-
 def perplexity(
     model: nn.Module,
     tokens: Tensor,
@@ -113,7 +98,7 @@ def perplexity(
     # eval.py turns a bad checkpoint or value away before paying for it.
     from lmlab.data import IGNORE_INDEX, TokenBlocks
     from lmlab.metrics import Perplexity
-    from lmlab.streams import StreamWindows
+    from lmlab.streams import StreamWindows, sliding_windows
 
     device = next(model.parameters()).device
     metric = Perplexity().to(device)
@@ -128,7 +113,7 @@ def perplexity(
             pairs = zip(blocks.inputs, blocks.targets, strict=True)
             num_windows = len(blocks)
         else:
-            pairs = _windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
+            pairs = sliding_windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
             num_windows = len(tokens) // stride + 1
         state = None
         groups = iter(lambda: list(islice(pairs, batch_size)), [])
@@ -219,6 +204,7 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         )
     if not is_positive_int(cfg.get("batch_size")):
         raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
+    check_dynamic_eval(cfg.get("dynamic_eval") or {})
     bleu = cfg.get("bleu") or {}
     num_sentences = bleu.get("num_sentences", 0)
     if not (is_int(num_sentences) and num_sentences >= 0):
@@ -232,6 +218,32 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         return Decoding.from_config(bleu).check(max_new_tokens=0)
     except UserError as error:
         raise UserError(f"bleu: {error}") from None
+
+
+def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
+    """`dynamic_eval.*` as settings, None when it is off; one line for a wrong value."""
+    enabled = node.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise UserError(f"dynamic_eval.enabled must be true or false, got {enabled!r}")
+    if not enabled:
+        return None
+    if node.get("method") not in METHODS:
+        raise UserError(
+            f"dynamic_eval.method must be one of {', '.join(METHODS)}; got {node.get('method')!r}"
+        )
+    for key in ("lr", "decay"):
+        value = node.get(key)
+        if not (is_number(value) and value >= 0) or (key == "decay" and value >= 1):
+            limit = "a number in [0, 1)" if key == "decay" else "a number >= 0"
+            raise UserError(f"dynamic_eval.{key} must be {limit}, got {value!r}")
+    if not (is_number(node.get("epsilon")) and node.get("epsilon") > 0):
+        raise UserError(
+            f"dynamic_eval.epsilon must be a positive number, got {node.get('epsilon')!r}"
+        )
+    for key in ("segment", "stat_batches"):
+        if not is_positive_int(node.get(key)):
+            raise UserError(f"dynamic_eval.{key} must be a positive integer, got {node.get(key)!r}")
+    return DynamicEval(**{key: node[key] for key in DYNAMIC_KEYS})
 
 
 def check_window(
@@ -252,8 +264,50 @@ def check_window(
     return seq_len
 
 
-def default_output(ckpt: str, name: str) -> Path:
-    """Beside the checkpoint (`best.ckpt` -> `best.eval_test.json`), or here for a URL."""
+def evaluate_dynamically(
+    model: nn.Module,
+    vocab: Vocabulary,
+    tokens: Tensor,
+    settings: DynamicEval,
+    context: int,
+    cfg: Mapping,
+) -> dict:
+    """Dynamic evaluation's results (settings, tokens, nll, ppl) for eval.py's JSON."""
+    if settings.segment > context:
+        raise UserError(
+            f"dynamic_eval.segment={settings.segment} exceeds seq_len={context}: a segment is "
+            "scored inside one window; use a segment <= seq_len"
+        )
+    grad_rms = None
+    if settings.method == "rms":
+        train = encode_lines(instantiate(cfg["data"]).read_lines("train"), vocab, "train")
+        grad_rms = gradient_rms(
+            model,
+            train,
+            # the windows the model reads: an LSTM's segments, a Transformer's whole context
+            seq_len=settings.segment if model.carries_state else context,
+            batch_size=cfg["batch_size"],
+            max_batches=settings.stat_batches,
+        )
+    scored = dynamic_perplexity(
+        model, tokens, settings, context=context, eos_id=vocab.eos_id, grad_rms=grad_rms
+    )
+    scored.pop("scores")
+    return {**asdict(settings), **scored}
+
+
+def sweep_job_dir() -> Path | None:
+    """This job's own folder when eval.py runs as one job of a sweep (`-m`), else None."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def default_output(ckpt: str, name: str, job_dir: Path | None = None) -> Path:
+    """Beside the checkpoint (`best.ckpt` -> `best.eval_test.json`), or here for a URL; in a
+    sweep, in the job's own folder (`job_dir`), so that no job overwrites another's."""
+    if job_dir is not None:
+        return job_dir / f"eval_{name}.json"
     if is_url(ckpt):
         return Path(f"eval_{name}.json")
     path = Path(ckpt).expanduser()
@@ -289,6 +343,10 @@ def main(cfg: DictConfig) -> dict:
         )
     )
     summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
+    dynamic = check_dynamic_eval(cfg.get("dynamic_eval") or {})
+    if dynamic is not None:
+        results["dynamic_eval"] = evaluate_dynamically(model, vocab, tokens, dynamic, seq_len, cfg)
+        summary += f" | dynamic eval ppl {results['dynamic_eval']['ppl']:.3f}"
     if cfg.bleu.num_sentences > 0:
         results["bleu"] = continuation_bleu(
             model,
@@ -308,7 +366,9 @@ def main(cfg: DictConfig) -> dict:
         else:
             summary += f" | BLEU {bleu['bleu']:.4f} over {bleu['sentences']} sentences"
 
-    output = Path(cfg.output) if cfg.output else default_output(str(cfg.ckpt), name)
+    output = (
+        Path(cfg.output) if cfg.output else default_output(str(cfg.ckpt), name, sweep_job_dir())
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{summary} | wrote {output}")

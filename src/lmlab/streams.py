@@ -12,6 +12,10 @@ Training drops the last partial window of each stream (every batch has the
 same shape); evaluation pads the end of the split instead (inputs `<eos>`,
 targets IGNORE_INDEX), so every token of the split is predicted exactly once.
 Windows are gathered from the token array by index, never copied whole.
+
+`sliding_windows` is the other way evaluation reads one stream: overlapping
+windows that each score only the tokens not scored before (`eval.py stride=`,
+and the segments of dynamic evaluation).
 """
 
 from __future__ import annotations
@@ -111,3 +115,23 @@ class WindowOrder(Sampler[int]):
 
     def __len__(self) -> int:
         return self.windows
+
+
+def sliding_windows(
+    tokens: Tensor, seq_len: int, stride: int, eos_id: int, ignore_index: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Windows of `seq_len` tokens advancing by `stride`; each scores only tokens not yet scored."""
+    stream = torch.cat([torch.tensor([eos_id]), tokens.long()])
+    inputs, targets = stream[:-1], stream[1:]
+    total = len(targets)
+    scored = 0  # targets [0, scored) already have a prediction
+    begin = 0
+    while scored < total:
+        end = min(begin + seq_len, total)
+        x = inputs.new_full((seq_len,), eos_id)
+        y = targets.new_full((seq_len,), ignore_index)
+        x[: end - begin] = inputs[begin:end]
+        y[scored - begin : end - begin] = targets[scored:end]
+        yield x, y
+        scored = end
+        begin += stride
