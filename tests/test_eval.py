@@ -243,7 +243,13 @@ def test_dynamic_eval_reports_its_perplexity_beside_the_static_one(
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     learning = ["dynamic_eval.enabled=true", "dynamic_eval.segment=4", "split=valid"]
     report = evaluate_tiny(
-        ckpt, corpus_dir, cache_dir, tmp_path / "rms.json", *learning, "dynamic_eval.lr=1e-4"
+        ckpt,
+        corpus_dir,
+        cache_dir,
+        tmp_path / "rms.json",
+        *learning,
+        "dynamic_eval.lr=1e-4",
+        "dynamic_eval.stat_batches=5",
     )
     dynamic = report["dynamic_eval"]
     assert dynamic["method"] == "rms" and dynamic["segment"] == 4 and dynamic["lr"] == 1e-4

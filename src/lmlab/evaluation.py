@@ -273,11 +273,6 @@ def evaluate_dynamically(
     cfg: Mapping,
 ) -> dict:
     """Dynamic evaluation's results (settings, tokens, nll, ppl) for eval.py's JSON."""
-    if settings.segment > context:
-        raise UserError(
-            f"dynamic_eval.segment={settings.segment} exceeds seq_len={context}: a segment is "
-            "scored inside one window; use a segment <= seq_len"
-        )
     grad_rms = None
     if settings.method == "rms":
         train = encode_lines(instantiate(cfg["data"]).read_lines("train"), vocab, "train")
@@ -322,6 +317,12 @@ def main(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, vocab = load_model(cfg.ckpt, device=device)
     seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size, model.max_context)
+    dynamic = check_dynamic_eval(cfg.get("dynamic_eval") or {})
+    if dynamic is not None and dynamic.segment > seq_len:
+        raise UserError(
+            f"dynamic_eval.segment={dynamic.segment} exceeds seq_len={seq_len}: a segment is "
+            "scored inside one window; use a segment <= seq_len"
+        )
     lines, name = read_text(cfg)
 
     tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
@@ -343,7 +344,6 @@ def main(cfg: DictConfig) -> dict:
         )
     )
     summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
-    dynamic = check_dynamic_eval(cfg.get("dynamic_eval") or {})
     if dynamic is not None:
         results["dynamic_eval"] = evaluate_dynamically(model, vocab, tokens, dynamic, seq_len, cfg)
         summary += f" | dynamic eval ppl {results['dynamic_eval']['ppl']:.3f}"
