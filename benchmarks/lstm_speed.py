@@ -138,7 +138,7 @@ def main() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
     # What train.py's default trainer.precision=auto runs on this machine, measured afresh.
     with tempfile.TemporaryDirectory() as cache_dir:
-        default = choose_precision("auto", "cpu", WIDTH, cache_dir, recurrent=True)
+        default = choose_precision("auto", "cpu", WIDTH, cache_dir, needs_native_bf16=True)
     rows = {"plain nn.LSTM loop (reference)": plain_loop, "lmlab lstm, Lightning": lightning_loop}
     if default.precision != "32-true":
         rows[f"lmlab lstm, Lightning, {default.precision}"] = partial(

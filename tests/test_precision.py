@@ -130,8 +130,25 @@ def test_an_explicit_bf16_lstm_on_a_cpu_without_bf16_is_one_line(tmp_path, monke
         match=rf"^trainer.precision={explicit}: the LSTM has no bf16 "
         r"kernel on .* \(no AVX-512 BF16 or AMX\); use trainer.precision=32-true",
     ):
-        choose_precision(explicit, "cpu", 200, tmp_path, recurrent=True)
+        choose_precision(explicit, "cpu", 200, tmp_path, needs_native_bf16=True)
     # a Transformer runs (slowly) in emulated bf16, and a bf16 CPU runs the LSTM
     assert choose_precision(explicit, "cpu", 200, tmp_path).precision == explicit
     monkeypatch.setattr(chooser, "cpu_flags", lambda: ["avx512f", "amx_bf16"])
-    assert choose_precision(explicit, "cpu", 200, tmp_path, recurrent=True).precision == explicit
+    choice = choose_precision(explicit, "cpu", 200, tmp_path, needs_native_bf16=True)
+    assert choice.precision == explicit
+
+
+def test_the_lstm_is_the_family_that_needs_native_bf16():
+    # train.py passes the model's own attribute: no family names outside the models
+    from lmlab.models import build_model
+    from lmlab.models.gpt import GPTConfig
+    from lmlab.models.llama import LlamaConfig
+    from lmlab.models.lstm import LSTMConfig
+
+    configs = {
+        "gpt": GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8),
+        "llama": LlamaConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8),
+        "lstm": LSTMConfig(vocab_size=20, block_size=8, n_layer=1, n_embd=8, n_hidden=8),
+    }
+    needs = {family: build_model(config).needs_native_bf16 for family, config in configs.items()}
+    assert needs == {"gpt": False, "llama": False, "lstm": True}

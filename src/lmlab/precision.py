@@ -53,18 +53,19 @@ def choose_precision(
     accelerator: str,
     width: int,
     cache_dir: str | Path,
-    recurrent: bool = False,
+    needs_native_bf16: bool = False,
 ) -> Choice:
     """The Lightning precision for `requested` (`auto` or an explicit value) on this machine.
 
     `width` is the model's hidden size: the matmul timed is tokens x width x 4*width,
-    the shape of its MLP. `recurrent`: the model runs `nn.LSTM`, whose oneDNN kernel
-    has no bf16 path on a CPU without bf16 instructions (it fails inside oneDNN).
+    the shape of its MLP. `needs_native_bf16`: the model's own attribute of that name
+    (the LSTM: oneDNN's kernel has no bf16 path on a CPU without bf16 instructions).
     """
     if requested != AUTO:
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         flags = cpu_flags() if on_cpu else None
-        if recurrent and str(requested).startswith("bf16") and flags and not native_bf16(flags):
+        bf16 = str(requested).startswith("bf16")
+        if needs_native_bf16 and bf16 and flags and not native_bf16(flags):
             raise UserError(
                 f"trainer.precision={requested}: the LSTM has no bf16 kernel on {cpu_model()} "
                 "(no AVX-512 BF16 or AMX); use trainer.precision=32-true or auto"

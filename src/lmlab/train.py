@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> dict:
         cfg.trainer.accelerator,
         model_config.n_embd,
         datamodule.cache_root,
-        recurrent=model_config.family == "lstm",
+        needs_native_bf16=module.model.needs_native_bf16,
     )
     log.info("precision %s: %s", precision.precision, precision.reason)
     trainer = instantiate(

@@ -173,6 +173,7 @@ class GPTLM(nn.Module):
         return self.config.block_size
 
     carries_state = False  # each training window starts afresh (no memory across windows)
+    needs_native_bf16 = False  # emulated bf16 is slow, but every kernel has it
 
     def new_state(
         self,

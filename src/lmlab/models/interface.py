@@ -17,7 +17,9 @@ llama.py, lstm.py; the registry is `lmlab.models`):
   positions, a recurrent state). A state's `capacity` is how many positions it
   holds (a KV cache's size; None for a recurrent state). `carries_state` says
   whether training in the contiguous data order hands the state of one window
-  on to the next (truncated backpropagation through time).
+  on to the next (truncated backpropagation through time). `needs_native_bf16`
+  says that some kernel of the model has no bf16 path where the CPU lacks bf16
+  instructions (oneDNN's LSTM fails there instead of emulating).
 
 Decoding, beam search, evaluation, the LightningModule and export use only this,
 so none of them asks which family it drives.
@@ -73,6 +75,7 @@ class LanguageModelNet(Protocol):
     config: Any
     max_context: int | None
     carries_state: bool
+    needs_native_bf16: bool
 
     def __call__(
         self,

@@ -139,6 +139,7 @@ class LSTMState:
 class LSTMLM(nn.Module):
     carries_state = True  # contiguous training hands each window's final state to the next
     max_context = None  # a recurrent state holds any length
+    needs_native_bf16 = True  # oneDNN's LSTM has no bf16 kernel without AVX-512 BF16 or AMX
 
     def __init__(self, config: LSTMConfig) -> None:
         super().__init__()
