@@ -144,11 +144,11 @@ def test_bf16_weights_get_a_float32_loss_and_bf16_gradients():
 def test_float16_falls_back_to_float32_logits():
     hidden, weight, targets = problem(40, torch.float32)
     hidden, weight = hidden.detach().half(), weight.detach().half()
-    fused = linear_cross_entropy(hidden, weight, targets)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(1))  # kept fp32, as autocast
+    fused = linear_cross_entropy(hidden, weight, targets, bias=bias)
     assert fused.dtype == torch.float32
-    torch.testing.assert_close(
-        fused, F.cross_entropy(F.linear(hidden, weight).float(), targets), rtol=0, atol=0
-    )
+    plain = F.cross_entropy(F.linear(hidden, weight, bias.half()).float(), targets)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
 
 
 def test_shapes_are_checked():

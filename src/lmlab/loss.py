@@ -16,7 +16,8 @@ gradients up to float rounding (tests/test_loss.py), about 1.4x the training
 throughput of the `small` model on 2 CPU cores (benchmarks/train_speed.py).
 
 In bf16 (under bf16 autocast, or with bf16 weights) the three matmuls run in
-bf16, where a CPU with AMX or AVX-512 BF16 runs them at 3-4x the fp32 rate,
+bf16, where a CPU with AMX runs them at 3.6x the fp32 rate (README, "On an AMX
+Xeon", 2026-12-03: the loss 4.07x the plain bf16 one, benchmarks/loss_speed.py --bf16),
 while the exponentials, their sums, the loss and the gradients' accumulation
 across chunks stay in float32, and each gradient comes back in its input's
 dtype (float32 master weights get float32 gradients).
@@ -127,6 +128,7 @@ def _fused_loss_and_grads(
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     # One buffer for every chunk's logits, so the same memory stays in cache.
     buffer = h_all.new_empty(min(chunk_rows, hidden.size(0)), weight.size(0))
+    b = None if bias is None else bias.to(compute_dtype)
     # Without the max-shift, exp cannot overflow (nor can its sum over the vocabulary,
     # nor underflow below normal floats) while every |logit| <= ||h|| * max ||w|| stays
     # under `limit`: 25 for a trained `small` model, where `limit` is 78 in float32 (and
@@ -144,10 +146,10 @@ def _fused_loss_and_grads(
         rows, first = slice(start, start + chunk_rows), start == 0
         h, target = h_all[rows], safe_targets[rows]
         logits = torch.mm(h, w.T, out=buffer[: h.size(0)])  # (rows, vocab)
-        if bias is not None:
+        if b is not None:
             # Added after the matmul: addmm into `out` first copies the broadcast bias
             # there, a full extra pass (3.5 ms of a 67 ms LSTM step on 2 CPU cores).
-            logits.add_(bias.to(compute_dtype))
+            logits.add_(b)
         unshifted = largest_row is not None and bool(
             torch.linalg.vector_norm(hidden[rows], dim=1).max() * largest_row + largest_bias
             <= limit
@@ -203,7 +205,8 @@ def set_at_targets(values: Tensor, target: Tensor, new: Tensor) -> Tensor:
     """`values.scatter_(1, target, new)` for (rows, vocab) `values`, (rows, 1) `target` and `new`.
 
     Through the flat view: a bf16 `scatter_` on CPU costs a pass over all of
-    `values` (1.2 ms for 512 x 10,000), this one write per row.
+    `values` (1.2 ms for 512 x 10,000 on the AMX Xeon of 2026-12-03, 2 threads), this
+    one write per row.
     """
     rows, vocab = values.shape
     flat = target[:, 0] + torch.arange(rows, device=target.device) * vocab
@@ -266,8 +269,9 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     compute_dtype = matmul_dtype(hidden, weight)
     if compute_dtype == torch.float16:
+        half_bias = None if bias is None else bias.half()  # fp16 autocast keeps fp32 biases
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = F.linear(hidden.half(), weight.half(), bias).float()
+            logits = F.linear(hidden.half(), weight.half(), half_bias).float()
         loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     else:
         mean = reduction == "mean"
