@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from itertools import islice
 from pathlib import Path
 
@@ -38,7 +38,6 @@ from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
 
 EVAL_ORDERS = ("blocks", "contiguous")
-DYNAMIC_KEYS = ("lr", "decay", "method", "segment", "epsilon", "stat_batches")
 
 
 def read_text(cfg: Mapping) -> tuple[list[str], str]:
@@ -243,7 +242,7 @@ def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
     for key in ("segment", "stat_batches"):
         if not is_positive_int(node.get(key)):
             raise UserError(f"dynamic_eval.{key} must be a positive integer, got {node.get(key)!r}")
-    return DynamicEval(**{key: node[key] for key in DYNAMIC_KEYS})
+    return DynamicEval(**{field.name: node[field.name] for field in fields(DynamicEval)})
 
 
 def check_window(
