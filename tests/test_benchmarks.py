@@ -98,3 +98,17 @@ def test_lstm_speed_prints_the_plain_loop_and_lmlab_and_marks_the_default():
     for row in rows:
         assert float(row.split()[-2]) > 0 and float(row.split()[-1]) > 0
     assert any(line.startswith("default: trainer.precision=auto chose ") for line in lines)
+
+
+def test_attention_speed_prints_every_variant_in_both_dtypes():
+    result = run_entry_point("benchmarks/attention_speed.py", "--quick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    assert [line.split(" (")[0] for line in lines if "(training uses: " in line] == [
+        "float32",
+        "bfloat16",
+    ]
+    for name in ("SDPA, its own kernel choice", "SDPA, math backend", "lmlab causal_attention"):
+        rows = [line for line in lines if line.startswith(name)]
+        assert len(rows) == 2 and all(float(row.split()[-2]) > 0 for row in rows)

@@ -2,8 +2,11 @@
 
 `F.scaled_dot_product_attention` picks a flash kernel on CPU. In float32 it is the
 fastest, but in bf16 its backward is not: forward and backward of a batch of
-32 x 4 heads x 64 positions x 64 dims take 16.3 ms with it, 8.6 ms with SDPA's
-math backend and 3.8 ms written out as below (AMX Xeon, 2 threads, torch 2.13).
+32 x 4 heads x 64 positions x 64 dims take 15.0 ms with it, 6.3 ms with SDPA's
+math backend and 2.4 ms written out as below (`python benchmarks/attention_speed.py`,
+2026-12-03, Intel Xeon family 6 model 167 with AMX, 2 threads, torch 2.13; fp32 there:
+4.8 ms SDPA, 6.6 ms written out). Measured on that one CPU: rerun the benchmark on
+another before trusting the bf16 rule there.
 With dropout, SDPA on CPU falls back to the same math but draws its mask with
 `bernoulli_`; written out, the mask is the model's cheaper `Dropout`, and the
 scale and the causal mask ride on the matmul: 1.7x faster.
