@@ -14,12 +14,12 @@ is the median of its timed calls, then the median over rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from loss_speed import median_seconds
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmlab.machine import machine_line
@@ -72,15 +72,7 @@ def main() -> None:
         q, k, v = (
             torch.randn(shape, generator=generator).to(dtype).requires_grad_() for _ in range(3)
         )
-        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        for attention in VARIANTS.values():  # warm-up
-            for _ in range(2):
-                time_once(attention, q, k, v)
-        for _ in range(rounds):
-            for name, attention in VARIANTS.items():
-                samples = [time_once(attention, q, k, v) for _ in range(calls)]
-                seconds[name].append(statistics.median(samples))
-        medians = {name: statistics.median(values) for name, values in seconds.items()}
+        medians = median_seconds(VARIANTS, time_once, (q, k, v), calls, rounds)
         reference = next(iter(medians.values()))
         chosen = "written out" if prefers_written_out(q, 0.0) else "SDPA"
         print(f"\n{str(dtype).removeprefix('torch.') + ' (training uses: ' + chosen + ')':<50}"

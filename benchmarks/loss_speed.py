@@ -54,6 +54,26 @@ def time_once(
     return time.perf_counter() - start
 
 
+def median_seconds(
+    variants: dict[str, Callable[..., object]],
+    time_once: Callable[..., float],
+    inputs: tuple[torch.Tensor, ...],
+    calls: int,
+    rounds: int,
+) -> dict[str, float]:
+    """Each variant's seconds: 2 warm-up calls, then rounds alternating between the variants,
+    the median of `calls` timed calls per round, and the median over rounds."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for variant in variants.values():  # warm-up: allocations, first-call set-up
+        for _ in range(2):
+            time_once(variant, *inputs)
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            samples = [time_once(variant, *inputs) for _ in range(calls)]
+            seconds[name].append(statistics.median(samples))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few calls, one round")
@@ -79,16 +99,8 @@ def main() -> None:
         f"backward; median of {calls} calls after 2, median of {rounds} rounds"
     )
     for mode, context in modes:
-        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
         with context():
-            for loss in VARIANTS.values():  # warm-up: allocations, first-call set-up
-                for _ in range(2):
-                    time_once(loss, hidden, weight, targets)
-            for _ in range(rounds):
-                for name, loss in VARIANTS.items():
-                    samples = [time_once(loss, hidden, weight, targets) for _ in range(calls)]
-                    seconds[name].append(statistics.median(samples))
-        medians = {name: statistics.median(values) for name, values in seconds.items()}
+            medians = median_seconds(VARIANTS, time_once, (hidden, weight, targets), calls, rounds)
         reference = next(iter(medians.values()))
         print(f"\n{mode:<50}{'ms':>9}{'x reference':>13}")
         print("-" * 72)
