@@ -178,6 +178,14 @@ def test_bleu_scores_continuations_against_the_rest_of_each_sentence(strategy):
             ["dynamic_eval.enabled=true", "dynamic_eval.epsilon=0"],
             r"dynamic_eval.epsilon must be a positive number, got 0",
         ),
+        (["cache.enabled=1"], r"cache.enabled must be true or false, got 1"),
+        (
+            ["cache.enabled=true", "cache.size=0"],
+            r"cache.size must be a positive integer \(the earlier positions the cache holds\), got 0",
+        ),
+        (["cache.enabled=true", "cache.lambda=1.5"], r"cache.lambda must be a number in \[0, 1\]"),
+        (["cache.enabled=true", "cache.lambda=-0.1"], r"cache.lambda must be a number in \[0, 1\]"),
+        (["cache.enabled=true", "cache.theta=-1"], r"cache.theta must be a number >= 0, got -1"),
     ],
 )
 def test_bad_values_are_refused(overrides, message):
@@ -268,6 +276,38 @@ def test_dynamic_eval_reports_its_perplexity_beside_the_static_one(
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: dynamic_eval.segment=17 exceeds seq_len=16: a segment is scored inside one "
         "window; use a segment <= seq_len"
+    ]
+
+
+@pytest.mark.slow
+def test_the_cache_reports_its_perplexity_alone_and_with_dynamic_eval(
+    trained_run, corpus_dir, cache_dir, tmp_path
+):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    report = evaluate_tiny(
+        ckpt, corpus_dir, cache_dir, tmp_path / "cache.json", "split=valid",
+        "cache.enabled=true", "cache.size=100", "cache.theta=0.5", "cache.lambda=0.2",
+        "dynamic_eval.enabled=true", "dynamic_eval.method=sgd", "dynamic_eval.lr=0.01",
+        "dynamic_eval.segment=4",
+    )  # fmt: skip
+    cache = report["cache"]
+    assert (cache["size"], cache["theta"], cache["lambda"]) == (100, 0.5, 0.2)
+    assert cache["tokens"] == report["tokens"]  # every token scored once, both ways
+    # the model alone over the same blocks, one at a time: the static perplexity
+    assert cache["model_ppl"] == pytest.approx(report["ppl"], rel=1e-5)
+    assert cache["ppl"] != cache["model_ppl"]
+    both = report["dynamic_eval"]["cache"]
+    assert both["lambda"] == 0.2 and both["ppl"] not in (
+        cache["ppl"],
+        report["dynamic_eval"]["ppl"],
+    )
+    result = run_entry_point(
+        "eval.py", f"ckpt={ckpt}", *fixture_data(corpus_dir, cache_dir), "bleu.num_sentences=0",
+        "cache.enabled=true", "cache.size=0",
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: cache.size must be a positive integer (the earlier positions the cache holds), "
+        "got 0"
     ]
 
 

@@ -22,12 +22,14 @@ end, so the caller's model is unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from lmlab.neural_cache import CacheMemory, NeuralCache
+from lmlab.streams import one_stream
 
 METHODS = ("sgd", "rms")
 
@@ -42,20 +44,6 @@ class DynamicEval:
     segment: int = 5  # tokens scored, then learned from, at a time (Krause: 5)
     epsilon: float = 2e-5  # rms only: keeps lr / (s + epsilon) finite
     stat_batches: int = 100  # rms only: training batches the gradient statistics average
-
-
-def segments(
-    model: nn.Module, tokens: Tensor, segment: int, context: int, eos_id: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs, targets), each (1, T), in reading order; targets not scored are IGNORE_INDEX."""
-    from lmlab.data import IGNORE_INDEX
-    from lmlab.streams import StreamWindows, sliding_windows
-
-    if model.carries_state:
-        windows = StreamWindows(tokens, 1, segment, pad_last=True, eos_id=eos_id)
-        return (windows[i] for i in range(len(windows)))
-    pairs = sliding_windows(tokens, context, segment, eos_id, IGNORE_INDEX)
-    return ((x[None], y[None]) for x, y in pairs)
 
 
 def gradient_rms(
@@ -96,10 +84,14 @@ def dynamic_perplexity(
     context: int,
     eos_id: int = 0,
     grad_rms: list[Tensor] | None = None,
-) -> dict[str, float | int | list[float]]:
+    cache: NeuralCache | None = None,
+) -> dict:
     """Perplexity of `tokens` (1-D ids) under dynamic evaluation; `scores` holds each segment's NLL.
 
-    `grad_rms` (from `gradient_rms`) is needed for `method="rms"`.
+    `grad_rms` (from `gradient_rms`) is needed for `method="rms"`. With a
+    `cache`, the neural cache over the adapting model's hidden states scores
+    each segment too (its perplexity under `"cache"`); the weights still learn
+    from the model's own loss, so `ppl` is that of dynamic evaluation alone.
     """
     if settings.method not in METHODS:
         raise ValueError(f"dynamic_eval.method must be one of {', '.join(METHODS)}")
@@ -107,15 +99,24 @@ def dynamic_perplexity(
     trained = [p.detach().clone() for p in params]
     steps, pulls = _rates(settings, params, grad_rms)
     state = model.new_state(1) if model.carries_state else None
+    memory = None if cache is None else CacheMemory(cache)
+    device = params[0].device
     model.eval()
-    total, count, scores = 0.0, 0, []
+    total, cached, count, scores = 0.0, 0.0, 0, []
     try:
-        for inputs, targets in segments(model, tokens, settings.segment, context, eos_id):
+        for inputs, targets in one_stream(
+            tokens, settings.segment, context, eos_id, carried=model.carries_state
+        ):
             if state is not None:
                 state.detach()
-            nll, counted = model(inputs, targets=targets, state=state, reduction="sum")
+            inputs, targets = inputs.to(device), targets.to(device)
+            hidden = model.hidden_states(inputs, state=state)
+            nll, counted = model.output(hidden, targets, reduction="sum")
             counted = int(counted)
             scores.append(float(nll.detach()))
+            if memory is not None:
+                gain = memory.log_gain(model, hidden.detach(), targets)
+                cached += scores[-1] - float(gain.sum(dtype=torch.float64))
             if counted == 0:
                 continue
             total, count = total + scores[-1], count + counted
@@ -134,7 +135,11 @@ def dynamic_perplexity(
                 p.copy_(p0)
         model.zero_grad(set_to_none=True)
     mean = total / max(count, 1)
-    return {"tokens": count, "nll": mean, "ppl": math.exp(mean), "scores": scores}
+    scored = {"tokens": count, "nll": mean, "ppl": math.exp(mean), "scores": scores}
+    if cache is not None:
+        cached_mean = cached / max(count, 1)
+        scored["cache"] = {**cache.to_dict(), "nll": cached_mean, "ppl": math.exp(cached_mean)}
+    return scored
 
 
 def _rates(

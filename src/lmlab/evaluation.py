@@ -34,6 +34,7 @@ from lmlab.generation import (
     until_eos,
     warn,
 )
+from lmlab.neural_cache import NeuralCache, cache_perplexity
 from lmlab.progress import track
 from lmlab.vocab import Vocabulary, tokenize
 
@@ -204,6 +205,7 @@ def check_eval_config(cfg: Mapping) -> Decoding:
     if not is_positive_int(cfg.get("batch_size")):
         raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
     check_dynamic_eval(cfg.get("dynamic_eval") or {})
+    check_cache(cfg.get("cache") or {})
     bleu = cfg.get("bleu") or {}
     num_sentences = bleu.get("num_sentences", 0)
     if not (is_int(num_sentences) and num_sentences >= 0):
@@ -245,6 +247,25 @@ def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
     return DynamicEval(**{field.name: node[field.name] for field in fields(DynamicEval)})
 
 
+def check_cache(node: Mapping) -> NeuralCache | None:
+    """`cache.*` as settings, None when it is off; one line for a wrong value."""
+    enabled = node.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise UserError(f"cache.enabled must be true or false, got {enabled!r}")
+    if not enabled:
+        return None
+    if not is_positive_int(node.get("size")):
+        raise UserError(
+            f"cache.size must be a positive integer (the earlier positions the cache holds), "
+            f"got {node.get('size')!r}"
+        )
+    if not (is_number(node.get("theta")) and node.get("theta") >= 0):
+        raise UserError(f"cache.theta must be a number >= 0, got {node.get('theta')!r}")
+    if not (is_number(node.get("lambda")) and 0 <= node.get("lambda") <= 1):
+        raise UserError(f"cache.lambda must be a number in [0, 1], got {node.get('lambda')!r}")
+    return NeuralCache(size=node["size"], theta=node["theta"], lambda_=node["lambda"])
+
+
 def check_window(
     seq_len: int | None, stride: int | None, block_size: int, limit: int | None
 ) -> int:
@@ -270,8 +291,10 @@ def evaluate_dynamically(
     settings: DynamicEval,
     context: int,
     cfg: Mapping,
+    cache: NeuralCache | None = None,
 ) -> dict:
-    """Dynamic evaluation's results (settings, tokens, nll, ppl) for eval.py's JSON."""
+    """Dynamic evaluation's results (settings, tokens, nll, ppl; with the `cache`, its own
+    under `cache`) for eval.py's JSON."""
     grad_rms = None
     if settings.method == "rms":
         train = encode_lines(instantiate(cfg["data"]).read_lines("train"), vocab, "train")
@@ -284,7 +307,13 @@ def evaluate_dynamically(
             max_batches=settings.stat_batches,
         )
     scored = dynamic_perplexity(
-        model, tokens, settings, context=context, eos_id=vocab.eos_id, grad_rms=grad_rms
+        model,
+        tokens,
+        settings,
+        context=context,
+        eos_id=vocab.eos_id,
+        grad_rms=grad_rms,
+        cache=cache,
     )
     scored.pop("scores")
     return {**asdict(settings), **scored}
@@ -317,6 +346,7 @@ def main(cfg: DictConfig) -> dict:
     model, vocab = load_model(cfg.ckpt, device=device)
     seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size, model.max_context)
     dynamic = check_dynamic_eval(cfg.get("dynamic_eval") or {})
+    cache = check_cache(cfg.get("cache") or {})
     if dynamic is not None and dynamic.segment > seq_len:
         raise UserError(
             f"dynamic_eval.segment={dynamic.segment} exceeds seq_len={seq_len}: a segment is "
@@ -343,9 +373,23 @@ def main(cfg: DictConfig) -> dict:
         )
     )
     summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
+    if cache is not None:
+        scored = cache_perplexity(
+            model, tokens, cache, seq_len=seq_len, stride=cfg.stride, eos_id=vocab.eos_id
+        )
+        scored.pop("scores")
+        results["cache"] = {**cache.to_dict(), **scored}
+        summary += (
+            f" | cache ppl {scored['ppl']:.3f} (without it, same windows: "
+            f"{scored['model_ppl']:.3f})"
+        )
     if dynamic is not None:
-        results["dynamic_eval"] = evaluate_dynamically(model, vocab, tokens, dynamic, seq_len, cfg)
+        results["dynamic_eval"] = evaluate_dynamically(
+            model, vocab, tokens, dynamic, seq_len, cfg, cache
+        )
         summary += f" | dynamic eval ppl {results['dynamic_eval']['ppl']:.3f}"
+        if cache is not None:
+            summary += f" | dynamic eval + cache ppl {results['dynamic_eval']['cache']['ppl']:.3f}"
     if cfg.bleu.num_sentences > 0:
         results["bleu"] = continuation_bleu(
             model,

@@ -292,3 +292,18 @@ def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
         if low in (hidden.dtype, weight.dtype):
             return low
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def output_layer(
+    head: torch.nn.Linear,
+    hidden: Tensor,
+    targets: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """A model's output layer on its final hidden states (B, T, C): the logits (B, T, vocab), or
+    with `targets` (B, T) the loss fused with it (`linear_cross_entropy`), logits never made."""
+    if targets is None:
+        return head(hidden)
+    return linear_cross_entropy(
+        hidden.flatten(0, 1), head.weight, targets.flatten(), reduction=reduction, bias=head.bias
+    )

@@ -14,8 +14,9 @@ targets IGNORE_INDEX), so every token of the split is predicted exactly once.
 Windows are gathered from the token array by index, never copied whole.
 
 `sliding_windows` is the other way evaluation reads one stream: overlapping
-windows that each score only the tokens not scored before (`eval.py stride=`,
-and the segments of dynamic evaluation).
+windows that each score only the tokens not scored before (`eval.py stride=`).
+`one_stream` reads a split as one stream in order, each way, for what carries
+something from window to window: dynamic evaluation and the neural cache.
 """
 
 from __future__ import annotations
@@ -135,3 +136,20 @@ def sliding_windows(
         yield x, y
         scored = end
         begin += stride
+
+
+def one_stream(
+    tokens: Tensor, segment: int, context: int, eos_id: int, carried: bool
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, targets), each (1, T), in reading order; targets not scored are IGNORE_INDEX.
+
+    `carried` (a model whose state carries from window to window, an LSTM):
+    consecutive windows of `segment` tokens. Otherwise windows of `context`
+    tokens advancing by `segment`, each scoring its newest `segment` (the first
+    one all of its own), as `sliding_windows`.
+    """
+    if carried:
+        windows = StreamWindows(tokens, 1, segment, pad_last=True, eos_id=eos_id)
+        return (windows[i] for i in range(len(windows)))
+    pairs = sliding_windows(tokens, context, segment, eos_id, IGNORE_INDEX)
+    return ((x[None], y[None]) for x, y in pairs)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmlab.loss import linear_cross_entropy
+from lmlab.loss import output_layer
 from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
@@ -223,30 +223,48 @@ class GPTLM(nn.Module):
         and the number of counted targets, fused with the output layer so that
         the logits are never materialised (see lmlab/loss.py).
         """
-        B, T = idx.shape
-        cache = state
+        start, offset = self._positions_of(idx, state, pad_mask)
+        if state is not None and idx.size(1) == 1 and not self.training and targets is None:
+            return self._decode_one(idx, state)
+        return self.output(self._hidden(idx, state, start, offset), targets, reduction)
+
+    def hidden_states(
+        self, idx: Tensor, state: KVCache | None = None, pad_mask: Tensor | None = None
+    ) -> Tensor:
+        """The final hidden states (B, T, n_embd), what the output layer reads: `forward`
+        without the output layer, the same `state` (advanced the same way) and `pad_mask`."""
+        return self._hidden(idx, state, *self._positions_of(idx, state, pad_mask))
+
+    def _positions_of(
+        self, idx: Tensor, cache: KVCache | None, pad_mask: Tensor | None
+    ) -> tuple[int, Tensor | None]:
+        """Where `idx` starts, and each row's leading padding (None: none)."""
+        T = idx.size(1)
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
-        offset = pad_mask.sum(1) if cache is None and pad_mask is not None else None
         if cache is not None:
-            offset = cache.start_rows(pad_mask)
-        if cache is not None and T == 1 and not self.training and targets is None:
-            return self._decode_one(idx, cache)
-        where = positions(start, T, offset, idx.device)  # (T,), or (B, T) with padding
+            return start, cache.start_rows(pad_mask)
+        return start, None if pad_mask is None else pad_mask.sum(1)
+
+    def _hidden(
+        self, idx: Tensor, cache: KVCache | None, start: int, offset: Tensor | None
+    ) -> Tensor:
+        where = positions(start, idx.size(1), offset, idx.device)  # (T,), or (B, T) if padded
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(where))
         for block in self.blocks:
             x = block(x, cache, offset)  # (B, T, C)
         if cache is not None:
-            cache.advance(T)
-        x = self.ln_final(x)
-        if targets is not None:
-            return linear_cross_entropy(
-                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction=reduction
-            )
-        return self.lm_head(x)  # (B, T, vocab)
+            cache.advance(idx.size(1))
+        return self.ln_final(x)
+
+    def output(
+        self, hidden: Tensor, targets: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss."""
+        return output_layer(self.lm_head, hidden, targets, reduction)
 
     def _decode_one(self, idx: Tensor, cache: KVCache) -> Tensor:
         """`forward` for one new position per row in eval mode, same math, same result.

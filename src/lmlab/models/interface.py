@@ -12,6 +12,10 @@ llama.py, lstm.py; the registry is `lmlab.models`):
   negative log-likelihood and the number of scored targets). A `state`, made by
   `new_state`, holds what the model has read so far: `forward` continues from
   it and advances it in place.
+- `forward` is `output(hidden_states(idx, state), targets, reduction)`:
+  `hidden_states` gives the final hidden states (B, T, C) the output layer
+  reads, and `output` applies it (logits, or the fused loss). The neural
+  cache (`lmlab.neural_cache`) reads those states.
 - `max_context` is the most positions the model can read at once (`gpt`: its
   positional table, `block_size`; None where nothing limits it: rotary
   positions, a recurrent state). A state's `capacity` is how many positions it
@@ -83,6 +87,14 @@ class LanguageModelNet(Protocol):
         targets: Tensor | None = None,
         state: State | None = None,
         reduction: str = "mean",
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
+
+    def hidden_states(
+        self, idx: Tensor, state: State | None = None, pad_mask: Tensor | None = None
+    ) -> Tensor: ...
+
+    def output(
+        self, hidden: Tensor, targets: Tensor | None = None, reduction: str = "mean"
     ) -> Tensor | tuple[Tensor, Tensor]: ...
 
     def new_state(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmlab.checks import is_real
-from lmlab.loss import linear_cross_entropy
+from lmlab.loss import output_layer
 from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
@@ -255,6 +255,13 @@ class LlamaLM(nn.Module):
         `pad_mask` (B, T), True at left padding, as in `gpt`: never attended to,
         each row's positions counted from its first real token.
         """
+        return self.output(self.hidden_states(idx, state, pad_mask), targets, reduction)
+
+    def hidden_states(
+        self, idx: Tensor, state: KVCache | None = None, pad_mask: Tensor | None = None
+    ) -> Tensor:
+        """The final hidden states (B, T, n_embd), what the output layer reads: `forward`
+        without the output layer, the same `state` (advanced the same way) and `pad_mask`."""
         B, T = idx.shape
         start = 0 if state is None else state.length
         offset = pad_mask.sum(1) if state is None and pad_mask is not None else None
@@ -267,9 +274,10 @@ class LlamaLM(nn.Module):
             x = block(x, cos, sin, state, offset)
         if state is not None:
             state.advance(T)
-        x = self.norm_final(x)
-        if targets is not None:
-            return linear_cross_entropy(
-                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction=reduction
-            )
-        return self.lm_head(x)
+        return self.norm_final(x)
+
+    def output(
+        self, hidden: Tensor, targets: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss."""
+        return output_layer(self.lm_head, hidden, targets, reduction)

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from lmlab.checks import is_real
-from lmlab.loss import linear_cross_entropy
+from lmlab.loss import output_layer
 from lmlab.models.dropout import LockedDropout, embedding_dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 
@@ -210,8 +210,15 @@ class LSTMLM(nn.Module):
         read from its first real token, as packed sequences, so its state and
         logits are those of its prompt alone.
         """
+        return self.output(self.hidden_states(idx, state, pad_mask), targets, reduction)
+
+    def hidden_states(
+        self, idx: Tensor, state: LSTMState | None = None, pad_mask: Tensor | None = None
+    ) -> Tensor:
+        """The final hidden states (B, T, width), what the output layer reads (after the output
+        dropout): `forward` without the output layer, the same `state` and `pad_mask`."""
         if pad_mask is not None and bool(pad_mask.any()):
-            return self._forward_padded(idx, pad_mask, state)
+            return self._padded_hidden_states(idx, pad_mask, state)
         c = self.config
         x = embedding_dropout(self.token_embedding, idx, c.dropout_embedding, self.training)
         x = self.dropout_input(x)  # (B, T, n_embd)
@@ -224,19 +231,18 @@ class LSTMLM(nn.Module):
                 x = self.dropout_hidden(x)
         if state is not None:
             state.advance(idx.size(1), final)
-        x = self.dropout(x)
-        if targets is not None:
-            return linear_cross_entropy(
-                x.flatten(0, 1),
-                self.lm_head.weight,
-                targets.flatten(),
-                reduction=reduction,
-                bias=self.lm_head.bias,
-            )
-        return self.lm_head(x)
+        return self.dropout(x)
 
-    def _forward_padded(self, idx: Tensor, pad_mask: Tensor, state: LSTMState | None) -> Tensor:
-        """Logits of left-padded prompts, each row read alone (a packed sequence), in eval mode."""
+    def output(
+        self, hidden: Tensor, targets: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss."""
+        return output_layer(self.lm_head, hidden, targets, reduction)
+
+    def _padded_hidden_states(
+        self, idx: Tensor, pad_mask: Tensor, state: LSTMState | None
+    ) -> Tensor:
+        """Hidden states of left-padded prompts, each row read alone (a packed sequence), in eval mode."""
         if self.training or (state is not None and state.length > 0):
             raise ValueError("padding is for decoding: only the first forward of a state in eval")
         B, T = idx.shape
@@ -257,4 +263,4 @@ class LSTMLM(nn.Module):
         left = left.masked_fill(pad_mask[..., None], 0.0)
         if state is not None:
             state.advance(T, final)
-        return self.lm_head(left)
+        return left
