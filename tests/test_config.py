@@ -54,7 +54,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, corpus_dir):
         ("scheduler", ["cosine", "constant"]),
         ("trainer", ["default", "cpu", "gpu"]),
         ("logger", ["tensorboard", "csv", "none"]),
-        ("averaging", ["ema"]),
+        ("averaging", ["ema", "swa"]),
     ],
 )
 def test_every_group_option_composes(group, options, tmp_path):

@@ -223,8 +223,15 @@ FAMILY_RUNS = {
         "averaging=ema",
         "callbacks.averaging.decay=0.9",
     ],
-    # dropout, attention dropout: their masks must continue exactly
-    "llama": ["model=llama_tiny", "model.dropout=0.1", "model.attn_dropout=0.1"],
+    # dropout, attention dropout: their masks must continue exactly; and stochastic weight
+    # averaging from step 4 on, before the step-7 checkpoint the run resumes from
+    "llama_averaging": [
+        "model=llama_tiny",
+        "model.dropout=0.1",
+        "model.attn_dropout=0.1",
+        "averaging=swa",
+        "callbacks.averaging.start_step=3",
+    ],
     # the contiguous order: the LSTM's carried state must continue exactly too
     "lstm": [
         "model=lstm_tiny",

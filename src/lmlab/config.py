@@ -113,6 +113,9 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
     ("callbacks.averaging.decay", NUMBER, is_number),
     ("callbacks.averaging.decay", "in (0, 1)", _in(0, 1, low_open=True, high_open=True)),
+    ("callbacks.averaging.start_fraction", NUMBER, is_number),
+    ("callbacks.averaging.start_fraction", "in [0, 1)", _in(0, 1, high_open=True)),
+    ("callbacks.averaging.start_step", "an integer >= 0 or null", _or_null(_int(0))),
     (
         "callbacks.budget.seconds",
         "a positive number of seconds or null",
