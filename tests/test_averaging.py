@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lmlab.averaging import EMA, SWA
+from lmlab.errors import UserError
 
 from conftest import quiet_trainer, random_batches, tiny_gpt_module
 
@@ -126,3 +127,9 @@ def test_swa_start_values_outside_their_range_are_refused():
             SWA(start_fraction=fraction)
     with pytest.raises(ValueError, match=r"averaging start_step must be an integer >= 0"):
         SWA(start_step=-1)
+
+
+def test_swa_from_a_fraction_of_a_run_without_an_end_is_refused(tmp_path):
+    trainer = quiet_trainer(tmp_path, [SWA(start_fraction=0.5)], max_epochs=-1, max_steps=-1)
+    with pytest.raises(UserError, match=r"start_fraction needs a planned number of steps"):
+        trainer.fit(tiny_gpt_module(VOCAB, lr=1e-2), random_batches(2, VOCAB, 0))

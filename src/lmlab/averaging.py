@@ -19,6 +19,7 @@ the checkpoint's `state_dict`, the average, in place.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -28,6 +29,7 @@ from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from lmlab.budget import planned_steps
 from lmlab.checks import is_int
+from lmlab.errors import UserError
 
 
 class _SavedAverage(WeightAveraging):
@@ -82,6 +84,12 @@ class SWA(_SavedAverage):
         return int(self.start_fraction * planned_steps(trainer))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.start_step is None and math.isinf(planned_steps(trainer)):
+            raise UserError(
+                "averaging=swa: callbacks.averaging.start_fraction needs a planned number of "
+                "steps, and this run has no limit; set trainer.max_steps, trainer.max_epochs or "
+                "callbacks.averaging.start_step"
+            )
         self._trainer = trainer  # should_update is asked without it
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
