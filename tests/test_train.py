@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
-from conftest import RUN_FOLDER, run_entry_point, tiny_overrides
+from conftest import RUN_FOLDER, fixture_data, run_entry_point, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,25 @@ def test_typo_in_a_key_gets_hydras_message(tmp_path, corpus_dir, cache_dir):
     result = run_entry_point("train.py", *overrides, "trainer.max_epoch=3")
     assert result.returncode != 0
     assert "Key 'max_epoch' is not in struct" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_trains_a_few_steps_on_cpu(tmp_path, corpus_dir, cache_dir):
+    # experiment=ptb_gpu as composed, shrunk: a narrow network, four steps, no time budget,
+    # and the weight averaging started after the first step so that it is exercised too
+    run = tmp_path / "run"
+    result = run_entry_point(
+        "train.py", "experiment=ptb_gpu", *fixture_data(corpus_dir, cache_dir),
+        "model.n_embd=16", "model.n_hidden=32", "data.seq_len=8", "data.batch_size=4",
+        "data.eval_batch_size=4", "trainer.accelerator=cpu", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+        "callbacks.budget.seconds=null", "callbacks.averaging.start_step=1",
+        "callbacks.samples=null", "logger=csv", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["lmlab"]["model_config"]["n_layer"] == 3  # the recipe's network
+    assert "current_model_state" in best  # validated and saved: the average
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_step"] in (2, 4) and summary["test_ppl"] > 0
