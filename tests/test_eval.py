@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,6 +245,17 @@ def test_eval_reproduces_the_validation_perplexity_training_logged(
     assert report["bleu"]["sentences"] == 10 and 0 <= report["bleu"]["bleu"] <= 1
 
 
+def refusal(ckpt: Path, corpus_dir: Path, cache_dir: Path, *overrides: str) -> str:
+    """eval.py's one line for a bad value; it must exit 2 with nothing else on stderr."""
+    result = run_entry_point(
+        "eval.py", f"ckpt={ckpt}", *fixture_data(corpus_dir, cache_dir), "bleu.num_sentences=0",
+        *overrides,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_dynamic_eval_reports_its_perplexity_beside_the_static_one(
     trained_run, corpus_dir, cache_dir, tmp_path
@@ -269,14 +281,12 @@ def test_dynamic_eval_reports_its_perplexity_beside_the_static_one(
     )  # fmt: skip
     # no learning: the static perplexity of the same windows (seq_len 16, advancing by 4)
     assert still["dynamic_eval"]["ppl"] == pytest.approx(still["ppl"], rel=1e-5)
-    result = run_entry_point(
-        "eval.py", f"ckpt={ckpt}", *fixture_data(corpus_dir, cache_dir), "bleu.num_sentences=0",
-        "dynamic_eval.enabled=true", "dynamic_eval.segment=17",
-    )  # fmt: skip
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+    assert refusal(
+        ckpt, corpus_dir, cache_dir, "dynamic_eval.enabled=true", "dynamic_eval.segment=17"
+    ) == (
         "error: dynamic_eval.segment=17 exceeds seq_len=16: a segment is scored inside one "
         "window; use a segment <= seq_len"
-    ]
+    )
 
 
 @pytest.mark.slow
@@ -301,14 +311,10 @@ def test_the_cache_reports_its_perplexity_alone_and_with_dynamic_eval(
         cache["ppl"],
         report["dynamic_eval"]["ppl"],
     )
-    result = run_entry_point(
-        "eval.py", f"ckpt={ckpt}", *fixture_data(corpus_dir, cache_dir), "bleu.num_sentences=0",
-        "cache.enabled=true", "cache.size=0",
-    )  # fmt: skip
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+    assert refusal(ckpt, corpus_dir, cache_dir, "cache.enabled=true", "cache.size=0") == (
         "error: cache.size must be a positive integer (the earlier positions the cache holds), "
         "got 0"
-    ]
+    )
 
 
 @pytest.mark.slow

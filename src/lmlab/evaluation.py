@@ -221,12 +221,17 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         raise UserError(f"bleu: {error}") from None
 
 
-def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
-    """`dynamic_eval.*` as settings, None when it is off; one line for a wrong value."""
+def is_enabled(node: Mapping, name: str) -> bool:
+    """`name.enabled` of an optional part of the evaluation (false when absent)."""
     enabled = node.get("enabled", False)
     if not isinstance(enabled, bool):
-        raise UserError(f"dynamic_eval.enabled must be true or false, got {enabled!r}")
-    if not enabled:
+        raise UserError(f"{name}.enabled must be true or false, got {enabled!r}")
+    return enabled
+
+
+def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
+    """`dynamic_eval.*` as settings, None when it is off; one line for a wrong value."""
+    if not is_enabled(node, "dynamic_eval"):
         return None
     if node.get("method") not in METHODS:
         raise UserError(
@@ -249,10 +254,7 @@ def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
 
 def check_cache(node: Mapping) -> NeuralCache | None:
     """`cache.*` as settings, None when it is off; one line for a wrong value."""
-    enabled = node.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise UserError(f"cache.enabled must be true or false, got {enabled!r}")
-    if not enabled:
+    if not is_enabled(node, "cache"):
         return None
     if not is_positive_int(node.get("size")):
         raise UserError(
