@@ -79,3 +79,31 @@ def test_light_modules_do_not_pull_in_heavy_ones() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_only_lmlab_hf_imports_transformers() -> None:
+    # transformers is the optional `hf` extra, imported only inside lmlab.hf's export: loading,
+    # decoding and reading a transformers folder back (import_hf) work without it. (Lightning's
+    # torchmetrics imports transformers by itself wherever it is installed, so the runtime
+    # check is on the modules that do not import Lightning.)
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "hf.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not [n for n in names if n.split(".")[0] in ("transformers", "tokenizers")], path
+    code = (
+        "import sys, lmlab.checkpoint, lmlab.generation, lmlab.hf\n"
+        "print(','.join(m for m in ('transformers', 'tokenizers') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
