@@ -129,14 +129,6 @@ def test_lstm_export_to_hf_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_export_format_is_one_line_exit_2(tmp_path):
-    done = run_entry_point("generate.py", "ckpt=absent.ckpt", "export=out", "export_format=onnx")
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        "error: export_format must be one of safetensors, hf, got 'onnx'"
-    ]
-
-
 def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
