@@ -77,8 +77,12 @@ def test_gpt_checkpoint_exported_runs_in_transformers_and_comes_back(
     lines = (corpus_dir / "ptb.valid.txt").read_text().splitlines()[:5] + [" w1 zzyzx w2 N "]
     check_same_model(model, vocab, folder, lines)
     pipe = transformers.pipeline("text-generation", model=str(folder), device="cpu")
-    text = pipe("the company said", add_special_tokens=True, max_new_tokens=3, do_sample=False)
-    assert text[0]["generated_text"].startswith("the company said")
+    prompt = "the company said"
+    text = pipe(prompt, add_special_tokens=True, max_new_tokens=6, do_sample=False)
+    ids = torch.tensor([[vocab.eos_id, *vocab.encode(prompt.split())]])
+    ours = generate(model, ids, 6, temperature=0.0, eos_id=vocab.eos_id, stop_at_eos=True)
+    words = [vocab.words[i] for i in ours[0, ids.shape[1] :].tolist() if i > vocab.unk_id]
+    assert text[0]["generated_text"] == " ".join([prompt, *words])  # <unk>, <eos>: special
 
     imported, imported_vocab = load_model(f"hf:{folder}")
     assert imported_vocab.words == vocab.words

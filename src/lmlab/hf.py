@@ -312,14 +312,17 @@ def hf_tokenizer(vocab: Vocabulary, max_length: int | None) -> Any:
     Word level: split on whitespace (as lmlab reads corpora), unknown words are
     `<unk>`, and `<eos>` is both the end of a sentence and, prepended by the
     post-processor, the start of a prompt: lmlab feeds every prompt after an
-    `<eos>`, as each sentence follows one in training. The one place a new
-    tokenizer kind gets its export.
+    `<eos>`, as each sentence follows one in training. Each word decodes with
+    its leading space (as GPT-2's byte-level tokens carry theirs), so text
+    decoded from new tokens alone, as transformers' pipeline does, joins its
+    prompt with a space. The one place a new tokenizer kind gets its export.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(dict(vocab.index), unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.Replace(Regex("^"), " ")
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{EOS} $A", special_tokens=[(EOS, vocab.eos_id)]
     )
@@ -416,7 +419,7 @@ tags: [lmlab, {config.family}, word-level]
 A {config.family} language model trained with lmlab, exported as
 `{_ARCHITECTURES[config.family]}` with a word-level tokenizer of {len(vocab):,} words
 (`<eos>` id 0 ends sentences and starts prompts, `<unk>` id 1).
-{config.n_layer} layers, width {config.n_embd}, {size:,} parameters, context {config.block_size}.
+Layers: {config.n_layer}, width {config.n_embd}, {size:,} parameters, context {config.block_size}.
 
 - Data: {data}
 - Metrics: {metrics}
@@ -432,7 +435,8 @@ print(pipe("the company said", add_special_tokens=True, max_new_tokens=20)[0]["g
 
 `add_special_tokens=True` puts `<eos>` before the prompt, as lmlab's own
 `generate.py` does. Text is lower-case words split on spaces, as in the
-training corpus.
+training corpus. `<unk>` is the tokenizer's unknown token, so text decoded with
+`skip_special_tokens=True` (the pipeline's default) leaves it out.
 
 Model config (lmlab): `{json.dumps(config.to_dict())}`
 """
