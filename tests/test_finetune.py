@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver import ForkServer
 from test_checkpoint import evil_checkpoint
 
 from lmlab.checkpoint import export
@@ -21,7 +22,6 @@ from lmlab.vocab import Vocabulary
 from conftest import (
     quiet_trainer,
     random_batches,
-    run_entry_point,
     tiny_gpt_module,
     tiny_overrides,
     write_corpus,
@@ -125,17 +125,22 @@ def test_fine_tuning_beats_training_from_scratch(trained_run, tmp_path, cache_di
         f.write(" x1 x2 the company said x3 \n")  # three words corpus A never had
     source = trained_run / "checkpoints" / "best.ckpt"
     runs = {}
-    for name, extra in (("finetuned", [f"init_from={source}"]), ("scratch", [])):
-        runs[name] = tmp_path / name
-        overrides = [
-            *tiny_overrides(corpus_b, cache_dir, runs[name]),
-            "trainer.max_epochs=1",
-            "test=false",
-            "callbacks.samples=null",
-            *extra,
-        ]
-        done = run_entry_point("train.py", *overrides)
-        assert done.returncode == 0, done.stderr[-2000:]
+    server = ForkServer("train.py", tmp_path)  # imports once for both runs
+    try:
+        for name, extra in (("finetuned", [f"init_from={source}"]), ("scratch", [])):
+            runs[name] = tmp_path / name
+            overrides = [
+                *tiny_overrides(corpus_b, cache_dir, runs[name]),
+                "trainer.max_epochs=1",
+                "test=false",
+                "callbacks.samples=null",
+                "logger=none",
+                *extra,
+            ]
+            done = server.run(*overrides)
+            assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        server.close()
     log = (runs["finetuned"] / "train.log").read_text()
     words_b = Vocabulary.build((corpus_b / "ptb.train.txt").read_text().splitlines()).words
     words_a = json.loads((trained_run / "checkpoints" / "vocab.json").read_text())["words"]
