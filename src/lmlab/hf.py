@@ -33,6 +33,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from lmlab.atomic import write_atomically
+from lmlab.download import is_url
 from lmlab.errors import UserError
 from lmlab.models import build_model, config_from_dict
 from lmlab.vocab import EOS, UNK, Vocabulary
@@ -443,28 +444,32 @@ Model config (lmlab): `{json.dumps(config.to_dict())}`
 
 
 def _run_record(source: str | None) -> dict[str, str]:
-    """Data and metrics from the run folder of a checkpoint (RUN/checkpoints/X.ckpt), if any."""
-    if not source:
+    """Data and metrics from the run folder of a checkpoint (RUN/checkpoints/X.ckpt), if any.
+
+    The card only informs: a record that is missing or does not parse is left out.
+    """
+    if not source or is_url(source):
         return {}
-    run = Path(str(source)).expanduser().resolve().parent.parent
+    run = Path(str(source).removeprefix(PREFIX)).expanduser().resolve().parent.parent
     found = {}
-    config_path = run / ".hydra" / "config.yaml"
-    if config_path.is_file():
-        data = OmegaConf.to_container(OmegaConf.load(config_path).get("data", {}), resolve=False)
-        if isinstance(data, dict):
-            files = data.get("files") or {}
-            found["data"] = (
-                f"`{data.get('data_dir')}`"
-                + (f" ({', '.join(f'{k}: {v}' for k, v in files.items())})" if files else "")
-                + f", seq_len {data.get('seq_len')}"
-            )
-    result_path = run / "result.json"
-    if result_path.is_file():
-        result = json.loads(result_path.read_text())
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml").data)
+        files = data.get("files") or {}
+        found["data"] = (
+            f"`{data.get('data_dir')}`"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in files.items())})" if files else "")
+            + f", seq_len {data.get('seq_len')}"
+        )
+    except Exception:  # no run folder, or a config without data: not recorded
+        pass
+    try:
+        result = json.loads((run / "result.json").read_text())
         shown = {k: result.get(k) for k in ("best_val_ppl", "test_ppl", "steps")}
         found["metrics"] = ", ".join(
             f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
         )
+    except Exception:
+        pass
     return found
 
 
