@@ -14,6 +14,7 @@ from lmlab.decoding import generate
 from lmlab.errors import UserError
 from lmlab.hf import export_hf, import_hf
 from lmlab.models import build_model
+from lmlab.models.gpt import GPTConfig
 from lmlab.models.llama import LlamaConfig
 from lmlab.models.lstm import LSTMConfig
 from lmlab.vocab import Vocabulary
@@ -124,6 +125,30 @@ def test_llama_exported_runs_in_transformers_and_comes_back(tmp_path):
     for (name, ours), theirs in zip(model.state_dict().items(), imported.state_dict().values()):
         assert torch.equal(ours, theirs), name
     assert reexported_weights(folder, tmp_path) == (folder / "model.safetensors").read_bytes()
+
+
+def test_gpt_without_biases_exports_zero_biases(tmp_path):
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=len(WORDS),
+        block_size=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        dropout=0.0,
+        bias=False,
+    )
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.5)
+    folder = export(model.eval(), Vocabulary(WORDS), tmp_path / "hf_gpt", "hf")
+    check_same_model(
+        model,
+        Vocabulary(WORDS),
+        folder,
+        [" the company said w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 "],
+    )
 
 
 def test_lstm_export_to_hf_is_refused(tmp_path):
