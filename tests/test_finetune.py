@@ -88,6 +88,12 @@ def test_init_from_checks_what_the_weights_mean(tmp_path):
     llama_export = export(llama, Vocabulary(SOURCE_WORDS), tmp_path / "llama")
     target = model_of("llama", TARGET_WORDS, 1, block_size=128)
     assert initialise_from(target, TARGET_WORDS, str(llama_export)).new == 2
+    # from a transformers folder: the same weights as from lmlab's own export
+    hf_folder = export(llama, Vocabulary(SOURCE_WORDS), tmp_path / "hf", "hf")
+    from_hf = model_of("llama", TARGET_WORDS, 1, block_size=128)
+    assert initialise_from(from_hf, TARGET_WORDS, f"hf:{hf_folder}").kept == 9
+    for (name, ours), theirs in zip(target.state_dict().items(), from_hf.state_dict().values()):
+        assert torch.equal(ours, theirs), name
 
 
 def test_frozen_parameters_do_not_train(tmp_path):

@@ -36,6 +36,8 @@ from lmlab.hf import PREFIX as HF_PREFIX
 VOCAB_ROWS = ("token_embedding.weight", "lm_head.weight", "lm_head.bias")
 # Config fields that do not change what the weights mean or their shapes.
 _FREE_FIELDS = ("vocab_size", "init_range", "lstm_init_range", "weight_drop")
+# Fields whose None means a value derived from the others: compared by that value.
+_EFFECTIVE = {"n_kv_head": "kv_heads", "mlp_hidden": "hidden"}
 
 
 @dataclass
@@ -77,15 +79,15 @@ def check_compatible(trained: Any, config: Any, source: str) -> None:
             f"init_from {source} is a {trained.family} model but the config's model is "
             f"{config.family}; pick a model= of the {trained.family} family with its shape"
         )
-    ours, theirs = config.to_dict(), trained.to_dict()
     free = set(_FREE_FIELDS)
     if config.family != "gpt":  # only gpt's positional table depends on block_size
         free.add("block_size")
-    differ = [
-        f"model.{key} is {theirs.get(key)!r} there, {value!r} here"
-        for key, value in ours.items()
-        if key not in free and "dropout" not in key and theirs.get(key) != value
-    ]
+    differ = []
+    for key in config.to_dict():
+        attr = _EFFECTIVE.get(key, key)  # n_kv_head=None and n_kv_head=n_head are one shape
+        there, here = getattr(trained, attr), getattr(config, attr)
+        if key not in free and "dropout" not in key and there != here:
+            differ.append(f"model.{key} is {there!r} there, {here!r} here")
     if differ:
         hint = " (model.block_size follows data.seq_len)" if "block_size" in differ[0] else ""
         raise UserError(
