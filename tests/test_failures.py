@@ -17,11 +17,16 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
+from lmlab.checkpoint import export
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.download import file_digest
 from lmlab.errors import UserError
 from lmlab.failsafe import AtomicCheckpointIO, prepare_checkpoint_dirs
+from lmlab.finetune import freeze, initialise_from
+from lmlab.models import build_model
+from lmlab.models.gpt import GPTConfig
 from lmlab.resume import resume_argv
+from lmlab.vocab import Vocabulary
 
 from conftest import ROOT, run_entry_point, tiny_overrides, write_stored_run
 
@@ -53,6 +58,11 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     (run / "checkpoints" / "broken.ckpt").write_bytes(b"PK\x03\x04 cut short")
     empty_run = tmp / "empty_run"
     shutil.copytree(run / ".hydra", empty_run / ".hydra")
+    pickled = tmp / "pickled.ckpt"
+    torch.save({"state_dict": {}, "where": Path("x")}, pickled)  # a pathlib object: pickled
+    words = Vocabulary.build((corpus / "ptb.train.txt").read_text().splitlines()).words
+    tiny = GPTConfig(vocab_size=len(words), block_size=16, n_layer=2, n_head=2, n_embd=32)
+    exported = export(build_model(tiny), Vocabulary(words), tmp / "exported")
     corrupt_run = tmp / "corrupt_run"
     write_stored_run(corrupt_run, "x", "checkpoints", global_step=3)
     (corrupt_run / ".hydra" / "config.yaml").write_text("paths: [output_dir: x\n")
@@ -64,6 +74,8 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "<run>": str(run),
         "<empty_run>": str(empty_run),
         "<corrupt_run>": str(corrupt_run),
+        "<pickled>": str(pickled),
+        "<exported>": str(exported),
         "<train_md5>": file_digest(corpus / "ptb.train.txt"),
         "<truncated_md5>": file_digest(corpus / "truncated.txt"),
     }
@@ -94,6 +106,10 @@ def train_checks(overrides: list[str], places: dict[str, str], cache: Path) -> N
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.train_dataloader()  # what fit() builds first
+    model = build_model(instantiate(cfg.model, vocab_size=len(datamodule.vocab)))
+    if cfg.init_from:
+        initialise_from(model, datamodule.vocab.words, cfg.init_from)
+    freeze(model, list(cfg.finetune.freeze))
     prepare_checkpoint_dirs(instantiate_each(cfg.callbacks))
 
 

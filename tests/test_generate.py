@@ -66,6 +66,7 @@ def generate_config(*overrides: str):
         (["batch_size=0"], r"batch_size must be a positive integer"),
         (["ckpt=null"], r"pass ckpt= a \.ckpt file"),
         (["export="], r"export= needs a folder path"),
+        (["export_format=onnx"], r"export_format must be one of safetensors, hf, got 'onnx'"),
         (["repetition_penalty=0"], r"repetition_penalty must be a number > 0, got 0"),
         (["no_repeat_ngram_size=-1"], r"no_repeat_ngram_size must be an integer >= 0, got -1"),
         (["min_new_tokens=40"], r"min_new_tokens=40 exceeds max_new_tokens=30"),

@@ -61,15 +61,9 @@ def test_no_import_cycle_in_the_package() -> None:
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
-def test_light_modules_do_not_pull_in_heavy_ones() -> None:
-    # The summary, the run record and plotting are read by tools that need neither
-    # Lightning nor the callbacks; the Hydra callback that guards run folders runs
-    # before anything is loaded.
-    code = (
-        "import sys, lmlab.summary, lmlab.record, lmlab.plot, lmlab.run_folder, lmlab.result\n"
-        "heavy = [m for m in ('lmlab.callbacks', 'lightning', 'lmlab.recorder') if m in sys.modules]\n"
-        "print(','.join(heavy))"
-    )
+def loaded_by(modules: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of `watched` a fresh interpreter has loaded after `import {modules}`."""
+    code = f"import sys, {modules}\nprint(','.join(m for m in {watched!r} if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", code],
         env={"PYTHONPATH": str(ROOT / "src")},
@@ -78,4 +72,29 @@ def test_light_modules_do_not_pull_in_heavy_ones() -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ""
+    return [m for m in done.stdout.strip().split(",") if m]
+
+
+def test_light_modules_do_not_pull_in_heavy_ones() -> None:
+    # The summary, the run record and plotting are read by tools that need neither
+    # Lightning nor the callbacks; the Hydra callback that guards run folders runs
+    # before anything is loaded.
+    light = "lmlab.summary, lmlab.record, lmlab.plot, lmlab.run_folder, lmlab.result"
+    assert loaded_by(light, ("lmlab.callbacks", "lightning", "lmlab.recorder")) == []
+
+
+def test_only_lmlab_hf_imports_transformers() -> None:
+    # transformers is the optional `hf` extra, imported only inside lmlab.hf's export: loading,
+    # decoding and reading a transformers folder back (import_hf) work without it. (Lightning's
+    # torchmetrics imports transformers by itself wherever it is installed, so the runtime
+    # check is on the modules that do not import Lightning.)
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "hf.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not [n for n in names if n.split(".")[0] in ("transformers", "tokenizers")], path
+    modules = "lmlab.checkpoint, lmlab.generation, lmlab.hf"
+    assert loaded_by(modules, ("transformers", "tokenizers")) == []

@@ -5,7 +5,9 @@ A checkpoint written by train.py is a Lightning checkpoint: the weights under
 the vocabulary as plain values. So `load_model` rebuilds the model (any family) from
 the file alone: no Trainer, no dataset. `export` writes the same model as files
 any tool can read: `model.safetensors`, `config.json` (the model config) and
-`vocab.json`; `load_model` reads that folder too.
+`vocab.json`; `load_model` reads that folder too. With `export_format="hf"` it
+writes a Hugging Face transformers folder instead (`lmlab.hf`), which
+`load_model` reads back from `hf:DIR` (or DIR).
 
 Loading never runs code from the file. `torch.load` gets `weights_only=True`
 explicitly: torch (>= 2.6, see `torch.serialization.load`) lets
@@ -14,7 +16,7 @@ explicitly: torch (>= 2.6, see `torch.serialization.load`) lets
 weights-only unpickler lets through is then checked to hold nothing but
 tensors and plain values.
 
-    python -m lmlab.checkpoint export CKPT DIR
+    python -m lmlab.checkpoint export CKPT DIR [--format hf]
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import torch
 from lmlab.atomic import write_atomically
 from lmlab.download import download, is_url
 from lmlab.errors import UserError, report_user_errors
+from lmlab.hf import PREFIX as HF_PREFIX
+from lmlab.hf import export_hf, import_hf, is_hf_folder
 from lmlab.models import ModelConfig, build_model, config_from_dict
 from lmlab.vocab import Vocabulary
 
@@ -48,6 +52,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # the model config in an exported folder
 MODEL_CONFIG_FILE = "model_config.json"  # the model config beside a run's checkpoints
 VOCAB_FILE = "vocab.json"
+EXPORT_FORMATS = ("safetensors", "hf")  # lmlab's own folder; a Hugging Face transformers folder
 
 # What the weights-only unpickler says when a file asks for code or objects.
 _UNSAFE_PATTERNS = (
@@ -178,11 +183,15 @@ def load_model(
 ) -> tuple[torch.nn.Module, Vocabulary]:
     """The model (in eval mode, on `device`), of whichever family it is, and its `Vocabulary`.
 
-    `source` is a .ckpt file written by train.py, an http(s) URL of one, or a
-    folder written by `export` (or the `model.safetensors` file inside it).
+    `source` is a .ckpt file written by train.py, an http(s) URL of one, a
+    folder written by `export` (or the `model.safetensors` file inside it), or
+    a Hugging Face transformers folder of a GPT-2 or Llama model (`hf:DIR`, or DIR).
     """
     name = str(source)
     path = None if is_url(source) else Path(source).expanduser()
+    if name.startswith(HF_PREFIX) or (path is not None and is_hf_folder(path)):
+        model, vocab = import_hf(name)
+        return model.to(device).eval(), vocab
     if path is not None and path.suffix == ".safetensors" and path.is_file():
         if path.name != WEIGHTS_FILE:
             raise UserError(
@@ -259,8 +268,21 @@ def _brief(error: BaseException) -> str:
 # Export: safetensors weights plus readable JSON.
 
 
-def export(model: torch.nn.Module, vocab: Vocabulary, folder: str | Path) -> Path:
-    """Write `model.safetensors`, `config.json` and `vocab.json` into `folder`; return it."""
+def export(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    folder: str | Path,
+    export_format: str = "safetensors",
+    source: str | None = None,
+) -> Path:
+    """Write `model.safetensors`, `config.json` and `vocab.json` into `folder`; return it.
+
+    `export_format="hf"`: a Hugging Face transformers folder instead (`lmlab.hf.export_hf`;
+    `source`, the checkpoint, goes into its model card).
+    """
+    check_export_format(export_format)
+    if export_format == "hf":
+        return export_hf(model, vocab, folder, source)
     out = Path(folder).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"export folder {folder} is a file; pass a folder path")
@@ -270,6 +292,13 @@ def export(model: torch.nn.Module, vocab: Vocabulary, folder: str | Path) -> Pat
     write_atomically(out / WEIGHTS_FILE, weights)
     write_model_files(out, checkpoint_metadata(model.config, vocab.words), config_file=CONFIG_FILE)
     return out
+
+
+def check_export_format(export_format: str) -> None:
+    if export_format not in EXPORT_FORMATS:
+        raise UserError(
+            f"export_format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}"
+        )
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -319,9 +348,11 @@ def main(argv: list[str] | None = None) -> None:
     export_cmd = commands.add_parser("export", help="write safetensors + JSON into a folder")
     export_cmd.add_argument("source", help="a .ckpt file, an http(s) URL or an exported folder")
     export_cmd.add_argument("folder", help="the folder to write")
+    export_cmd.add_argument("--format", default="safetensors", choices=EXPORT_FORMATS)
     args = parser.parse_args(argv)
     model, vocab = load_model(args.source)
-    print(f"exported {args.source} to {export(model, vocab, args.folder)}")
+    written = export(model, vocab, args.folder, args.format, source=args.source)
+    print(f"exported {args.source} to {written}")
 
 
 if __name__ == "__main__":

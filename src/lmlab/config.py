@@ -72,6 +72,16 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("seed", "an integer", is_int),
     ("test", "true or false", _is_bool),
     ("compile", "true or false", _is_bool),
+    (
+        "init_from",
+        "a checkpoint path, a URL, an exported folder or hf:DIR (or null)",
+        _or_null(lambda v: isinstance(v, str) and bool(v.strip())),
+    ),
+    (
+        "finetune.freeze",
+        "a list of parameter name patterns, e.g. ['blocks.0.*']",
+        lambda v: isinstance(v, list) and all(isinstance(p, str) and p for p in v),
+    ),
     ("optimizer.lr", NUMBER, is_number),
     ("optimizer.lr", "> 0", _in(0, math.inf, low_open=True)),
     ("optimizer.weight_decay", NUMBER, is_number),

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import export, load_model
+from lmlab.checkpoint import check_export_format, export, load_model
 from lmlab.checks import is_int
 from lmlab.decoding import Controls, beam_search, check_beam_args, check_decoding_args, generate
 from lmlab.errors import UserError
@@ -439,6 +439,7 @@ def check_generate_config(cfg: Mapping) -> Decoding:
     export = cfg.get("export")
     if export is not None and not str(export).strip():
         raise UserError("export= needs a folder path, e.g. export=exported/ptb_small")
+    check_export_format(cfg.get("export_format", "safetensors"))
     return decoding
 
 
@@ -450,7 +451,8 @@ def main(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     model, vocab = load_model(cfg.ckpt, device=device)
     if cfg.export is not None:
-        print(f"exported {cfg.ckpt} to {export(model, vocab, cfg.export)}")
+        written = export(model, vocab, cfg.export, cfg.export_format, source=str(cfg.ckpt))
+        print(f"exported {cfg.ckpt} to {written}")
     if export_only:
         return
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.errors import UserError
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
+INIT_FROM_KEY = "init_from"  # a new run from trained weights (lmlab.finetune): not with resume
 RESUME_STATE_KEY = "lmlab_resume"  # checkpoint["lmlab_resume"]: the state ResumeState restores
 LAST = "last.ckpt"
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
@@ -49,6 +50,11 @@ def resume_argv(argv: list[str]) -> list[str]:
         return [program, *overrides]
     for arg in overrides:
         flag = arg.partition("=")[0]
+        if flag.lstrip("+") == INIT_FROM_KEY and arg.partition("=")[2] not in ("", "null"):
+            raise UserError(
+                f"resume= continues a run with its own weights; {arg} starts a new run from "
+                "other weights: give one of them"
+            )
         if arg in ("-m", "--multirun") or flag in _CONFIG_FLAGS:
             raise UserError(f"resume= continues one stored run; it cannot be combined with {flag}")
 

@@ -25,6 +25,7 @@ from lmlab.failsafe import (
     run_callbacks,
     stop_on_signals,
 )
+from lmlab.finetune import freeze, initialise_from
 from lmlab.lit_module import LanguageModel
 from lmlab.loggers import log_config
 from lmlab.precision import Choice, choose_precision
@@ -55,6 +56,13 @@ def main(cfg: DictConfig) -> dict:
         compile=cfg.compile,
         carry_state=cfg.data.get("order") == "contiguous",
     )
+    if cfg.get("init_from") and not cfg.get("resume"):  # a resumed run has its own weights
+        log.info(
+            initialise_from(module.model, vocab.words, str(cfg.init_from)).describe(cfg.init_from)
+        )
+    frozen = freeze(module.model, list(cfg.finetune.freeze)) if cfg.get("finetune") else []
+    if frozen:
+        log.info("finetune.freeze: %d parameter tensors frozen: %s", len(frozen), ", ".join(frozen))
     output_dir = Path(cfg.paths.output_dir)
     precision = choose_precision(
         cfg.trainer.precision,
