@@ -79,6 +79,23 @@ def test_the_fused_loss_equals_cross_entropy_of_the_logits(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_forward_is_the_output_layer_on_the_final_hidden_states(name: str) -> None:
+    # what the neural cache reads: the states the output layer turns into logits and loss
+    model = tiny(name)
+    idx, targets = tokens((2, 12)), tokens((2, 12), seed=2)
+    with torch.no_grad():
+        hidden = model.hidden_states(idx)
+        assert hidden.shape[:2] == (2, 12) and hidden.shape[2] == model.lm_head.in_features
+        assert torch.equal(model.output(hidden), model(idx))
+        assert torch.equal(model.output(hidden, targets), model(idx, targets=targets))
+        total, count = model.output(hidden, targets, reduction="sum")
+        assert (total, count) == model(idx, targets=targets, reduction="sum")
+        state = model.new_state(2)
+        model.hidden_states(idx[:, :5], state=state)  # a state advances as in forward
+        assert state.length == 5
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_a_tiny_model_overfits_one_batch_through_the_training_step(name: str) -> None:
     torch.manual_seed(0)
     module = LanguageModel(

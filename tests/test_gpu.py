@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.decoding import beam_search, generate
+from lmlab.dynamic_eval import DynamicEval, dynamic_perplexity, gradient_rms
 from lmlab.errors import UserError
 from lmlab.failsafe import NonFiniteGuard
 from lmlab.loss import linear_cross_entropy
 from lmlab.models.dropout import Dropout
 from lmlab.models.gpt import GPTLM, GPTConfig
+from lmlab.neural_cache import NeuralCache, cache_perplexity
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -99,3 +101,24 @@ def test_a_bf16_training_step_runs_on_the_gpu(tmp_path) -> None:
     trainer.fit(module, train_dataloaders=batches)
     assert trainer.global_step == 4
     assert all(p.isfinite().all() for p in module.parameters())
+
+
+def test_the_cache_and_dynamic_evaluation_on_the_gpu_equal_the_cpu() -> None:
+    # the split's tokens stay on the host; each window moves to the model's device
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPTLM(config).eval()
+    tokens = torch.randint(0, 40, (100,), generator=torch.Generator().manual_seed(1))
+    cache = NeuralCache(size=30, theta=1.0, lambda_=0.3)
+    settings = DynamicEval(lr=0.1, decay=0.01, method="sgd", segment=4)
+    results = []
+    for device in ("cpu", CUDA):
+        model.to(device)
+        scored = cache_perplexity(model, tokens, cache, seq_len=16, stride=4)
+        rms = gradient_rms(model, tokens, seq_len=8, batch_size=2, max_batches=2)
+        dynamic = dynamic_perplexity(model, tokens, settings, context=16, cache=cache)
+        results.append(
+            (scored["ppl"], dynamic["ppl"], dynamic["cache"]["ppl"], float(rms[0].sum()))
+        )
+    for cpu, gpu in zip(*results, strict=True):
+        assert gpu == pytest.approx(cpu, rel=1e-4)

@@ -65,7 +65,7 @@ def gradient_rms(
     model.eval()
     batches = min(len(windows), max_batches)
     for i in range(batches):
-        inputs, targets = windows[i]
+        inputs, targets = (t.to(params[0].device) for t in windows[i])
         if state is not None:
             state.detach()
         model.zero_grad(set_to_none=True)

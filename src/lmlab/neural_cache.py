@@ -64,8 +64,10 @@ class CacheMemory:
         `lambda` 0 every gain is exactly 0.
         """
         scored = targets[0] != IGNORE_INDEX
-        h, w = hidden[0, scored].float(), targets[0, scored]  # (N, C), (N,)
-        log_model = torch.log_softmax(model.output(h[None])[0].float(), dim=-1)
+        w = targets[0, scored]  # (N,)
+        model_logits = model.output(hidden[0, scored][None])[0]  # (N, vocab), the model's dtype
+        log_model = torch.log_softmax(model_logits.float(), dim=-1)
+        h = hidden[0, scored].float()  # (N, C)
         log_model = log_model.gather(1, w[:, None])[:, 0]  # (N,)
         held = 0 if self.keys is None else len(self.keys)
         keys = h if self.keys is None else torch.cat([self.keys, h])  # (M + N, C)
