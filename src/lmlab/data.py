@@ -1,6 +1,7 @@
-"""Penn Treebank (and any plain-text corpus) as a LightningDataModule.
+"""Penn Treebank, WikiText (and any plain-text corpus) as a LightningDataModule.
 
-`prepare_data` finds or downloads the split files, verifies them, builds the
+`prepare_data` finds or downloads the split files (one file each, or one zip
+archive holding all three, as WikiText is released), verifies them, builds the
 vocabulary from the training split and caches every split as token ids, once.
 `setup` only loads that cache. Batches are made by slicing one token tensor,
 never tensor-per-sample.
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmlab.archive import fetch_archive
 from lmlab.atomic import write_atomically
 from lmlab.checks import is_int, is_positive_int
 from lmlab.download import download, file_digest
@@ -174,6 +176,9 @@ class LMDataModule(L.LightningDataModule):
         files: split name (train, valid, test) to file name or path.
         urls: split name to a download address, for corpora that have one.
         md5: split name to the expected md5 of the file; checked on every run.
+        archive: for a corpus released as one zip archive (WikiText): `url`, its
+            `sha256` (checked as it downloads) and the `folder` inside the archive
+            that holds the split files; missing files are unpacked from it.
         seq_len: tokens per block.
         batch_size: training blocks per optimizer step (per process).
         eval_batch_size: blocks per validation or test batch (default: batch_size).
@@ -191,6 +196,7 @@ class LMDataModule(L.LightningDataModule):
         files: Mapping[str, str],
         urls: Mapping[str, str] | None = None,
         md5: Mapping[str, str] | None = None,
+        archive: Mapping[str, str] | None = None,
         seq_len: int = 64,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -221,6 +227,11 @@ class LMDataModule(L.LightningDataModule):
         self.paths = {split: self.data_dir / str(files[split]) for split in SPLITS}
         self.urls = dict(urls or {})
         self.md5 = dict(md5 or {})
+        self.archive = dict(archive or {})
+        if self.archive and not self.archive.get("url"):
+            raise UserError(
+                "data.archive needs a url (and sha256, folder); or set data.archive=null"
+            )
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -237,20 +248,38 @@ class LMDataModule(L.LightningDataModule):
         if not missing:
             return
         names = ", ".join(self.paths[s].name for s in SPLITS)
-        if any(s not in self.urls for s in missing):
+        raw = [self.paths[s].with_suffix(".raw") for s in missing if self._raw_instead(s)]
+        if raw:
             raise UserError(
-                f"{self.paths[missing[0]]} not found: put {names} in {self.data_dir} "
-                "or point data.data_dir at the folder that holds them"
+                f"{self.data_dir} holds {', '.join(p.name for p in raw)}, the raw release, where "
+                f"the tokenised {names} are expected: use the tokenised archive (e.g. "
+                "wikitext-2-v1.zip, not wikitext-2-raw-v1.zip) or point data.data_dir at it"
             )
-        for split in missing:
-            try:
+        offline = (
+            f"put {names} in {self.data_dir} or point data.data_dir at the folder that holds them"
+        )
+        if not self.archive and any(s not in self.urls for s in missing):
+            raise UserError(f"{self.paths[missing[0]]} not found: {offline}")
+        try:
+            if self.archive:
+                inside = self.archive.get("folder") or ""
+                members = {
+                    f"{inside}/{self.paths[s].name}".lstrip("/"): self.paths[s] for s in missing
+                }
+                fetch_archive(
+                    self.archive["url"], self.archive.get("sha256"), members, self.data_dir
+                )
+                return
+            for split in missing:
                 md5 = self.md5.get(split)
                 download(self.urls[split], self.paths[split], checksum=md5 and ("md5", md5))
-            except UserError as error:
-                raise UserError(
-                    f"{error}; offline? put {names} in {self.data_dir} "
-                    "or point data.data_dir at the folder that holds them"
-                ) from None
+        except UserError as error:
+            raise UserError(f"{error}; offline? {offline}") from None
+
+    def _raw_instead(self, split: str) -> bool:
+        """Whether the folder holds the raw WikiText file (`wiki.X.raw`) where `wiki.X.tokens` is wanted."""
+        path = self.paths[split]
+        return path.suffix == ".tokens" and path.with_suffix(".raw").is_file()
 
     def _verify(self) -> dict[str, str]:
         digests = {}
