@@ -1,8 +1,9 @@
 """Penn Treebank, WikiText (and any plain-text corpus) as a LightningDataModule.
 
 `prepare_data` finds or downloads the split files (one file each, or one zip
-archive holding all three, as WikiText is released), verifies them, builds the
-vocabulary from the training split and caches every split as token ids, once.
+archive holding all three, as WikiText is released), verifies them, trains the
+tokenizer (words, characters or BPE: lmlab.tokenizers) on the training split
+and caches every split as token ids, once.
 `setup` only loads that cache. Batches are made by slicing one token tensor,
 never tensor-per-sample.
 """
@@ -28,7 +29,10 @@ from lmlab.errors import UserError
 from lmlab.loss import IGNORE_INDEX  # the target of padding positions; cross-entropy skips them
 from lmlab.progress import status
 from lmlab.streams import StreamWindows, WindowOrder
-from lmlab.vocab import Vocabulary, tokenize
+from lmlab.tokenizers import Tokenizer, TokenizerSpec, tokenizer_from_dict
+from lmlab.vocab import Vocabulary
+
+TOKENIZER_FILE = "tokenizer.json"  # in the cache: the tokenizer's to_dict(), beside vocab.json
 
 SPLITS = ("train", "valid", "test")
 ORDERS = ("shuffled", "contiguous")
@@ -185,6 +189,8 @@ class LMDataModule(L.LightningDataModule):
         cache_dir: where encoded splits are cached (default: ~/.cache/lmlab).
         seed: seeds the per-epoch shuffling of training blocks.
         num_workers: DataLoader worker processes (batches are slices: 0 is fastest).
+        tokenizer: which tokenizer to train on the training split (`conf/tokenizer/`);
+            None is `word`, one token per word.
         order: `shuffled` (blocks of `seq_len` tokens in a seeded random order each
             epoch) or `contiguous` (`batch_size` parallel streams read in consecutive
             windows, so a recurrent model's state carries over; see lmlab.streams).
@@ -204,6 +210,7 @@ class LMDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         order: str = "shuffled",
+        tokenizer: TokenizerSpec | None = None,
     ) -> None:
         super().__init__()
         if order not in ORDERS:
@@ -238,6 +245,7 @@ class LMDataModule(L.LightningDataModule):
         self.cache_root = Path(cache_dir or Path.home() / ".cache" / "lmlab").expanduser()
         self.seed = seed
         self.num_workers = num_workers
+        self.tokenizer_spec = tokenizer or TokenizerSpec()
         self.cache_path: Path | None = None  # set by prepare_data
         self.tokens: dict[str, Tensor] = {}
 
@@ -303,11 +311,14 @@ class LMDataModule(L.LightningDataModule):
             return
         self._fetch_missing()
         digests = self._verify()
-        key = hashlib.sha256(json.dumps([CACHE_FORMAT, digests]).encode()).hexdigest()[:16]
+        identity = [CACHE_FORMAT, digests]
+        if self.tokenizer_spec.kind != "word":  # the word cache keeps the key it always had
+            identity.append(self.tokenizer_spec.to_dict())
+        key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         self.cache_path = self.cache_root / key
-        if (
-            all((self.cache_path / f"{s}.npy").is_file() for s in SPLITS)
-            and (self.cache_path / "vocab.json").is_file()
+        if all(
+            (self.cache_path / name).is_file()
+            for name in (*(f"{s}.npy" for s in SPLITS), "vocab.json", TOKENIZER_FILE)
         ):
             return
         self._encode_splits()
@@ -335,26 +346,34 @@ class LMDataModule(L.LightningDataModule):
         return self._read_lines((split,))[split]
 
     def _encode_splits(self) -> None:
-        with status(f"preparing {self.data_dir}: reading, building the vocabulary, encoding"):
+        what = f"training the {self.tokenizer_spec.kind} tokenizer"
+        with status(f"preparing {self.data_dir}: reading, {what}, encoding"):
             self._encode_splits_now()
 
     def _encode_splits_now(self) -> None:
         lines = self._read_lines(SPLITS)
-        vocab = Vocabulary.build(lines["train"])
+        tokenizer = self.tokenizer_spec.train(lines["train"])
         assert self.cache_path is not None
         self.cache_path.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            ids = np.asarray(
-                vocab.encode(word for line in lines[split] for word in tokenize(line)),
-                dtype=np.int32,
-            )
+            ids = tokenizer.encode_lines(lines[split])
             write_atomically(self.cache_path / f"{split}.npy", lambda f, ids=ids: np.save(f, ids))
-        vocab.save(self.cache_path / "vocab.json")
+        write_atomically(self.cache_path / TOKENIZER_FILE, json.dumps(tokenizer.to_dict()))
+        tokenizer.vocab.save(self.cache_path / "vocab.json")  # last: it marks the cache whole
 
     # -- loading ------------------------------------------------------------
 
     @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer trained on the training split (prepared first if need be)."""
+        if self.cache_path is None:
+            self.prepare_data()
+        data = json.loads((self.cache_path / TOKENIZER_FILE).read_text())
+        return tokenizer_from_dict(data, self.vocab.words)
+
+    @property
     def vocab(self) -> Vocabulary:
+        """The tokenizer's id table."""
         if self.cache_path is None:
             self.prepare_data()
         return Vocabulary.load(self.cache_path / "vocab.json")

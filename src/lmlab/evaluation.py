@@ -35,7 +35,7 @@ from lmlab.generation import (
     warn,
 )
 from lmlab.progress import track
-from lmlab.vocab import Vocabulary, tokenize
+from lmlab.tokenizers import Tokenizer
 
 EVAL_ORDERS = ("blocks", "contiguous")
 
@@ -54,17 +54,17 @@ def read_text(cfg: Mapping) -> tuple[list[str], str]:
     return lines, path.stem
 
 
-def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor:
-    """The token ids (int64) of `lines` as training encodes them: each line's words, then `<eos>`."""
-    words = [word for line in lines for word in tokenize(line)]
-    unknown = vocab.unknown(words)
+def encode_lines(lines: Sequence[str], vocab: Tokenizer, source: str) -> Tensor:
+    """The token ids (int64) of `lines` as training encodes them: each line's tokens, then `<eos>`."""
+    unknown = vocab.unknown(lines)
     if unknown:
         shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        what = "word(s)" if vocab.kind == "word" else "character(s)"
         warn(
-            f"{len(unknown)} distinct word(s) of {source} are not in the checkpoint's vocabulary "
+            f"{len(unknown)} distinct {what} of {source} are not in the checkpoint's vocabulary "
             f"and read as <unk>: {shown}"
         )
-    return torch.tensor(vocab.encode(words), dtype=torch.long)
+    return torch.from_numpy(vocab.encode_lines(lines)).long()
 
 
 # ---------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def perplexity(
 
 def continuation_bleu(
     model: nn.Module,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     lines: Sequence[str],
     *,
     prompt_words: int,
@@ -159,8 +159,11 @@ def continuation_bleu(
     sentences = sentences[:num_sentences]
     if not sentences:
         return None
-    prompts = [prompt_ids(words[:prompt_words], vocab, model.max_context) for words in sentences]
-    lengths = [len(words) - prompt_words for words in sentences]
+    prompts = [
+        prompt_ids(" ".join(words[:prompt_words]), vocab, model.max_context) for words in sentences
+    ]
+    # as many tokens as the true remainder has (a word model: one per word)
+    lengths = [len(vocab.encode(" ".join(words[prompt_words:]))) for words in sentences]
     continuations = continue_prompts(
         model, prompts, lengths, decoding, vocab=vocab, generator=generator, batch_size=batch_size
     )
@@ -245,6 +248,21 @@ def check_dynamic_eval(node: Mapping) -> DynamicEval | None:
     return DynamicEval(**{field.name: node[field.name] for field in fields(DynamicEval)})
 
 
+def check_tokenizer(node: Mapping | None, tokenizer: Tokenizer, ckpt: str) -> None:
+    """A `tokenizer=` override must describe the checkpoint's own tokenizer, which eval.py uses."""
+    if not node:
+        return
+    spec = instantiate(node)
+    size = spec.vocab_size
+    if spec.kind != tokenizer.kind or (size is not None and size != len(tokenizer)):
+        wanted = spec.kind + (f" with vocab_size={size}" if size is not None else "")
+        raise UserError(
+            f"tokenizer={wanted} does not match checkpoint {ckpt}, whose tokenizer is "
+            f"{tokenizer.kind} with {len(tokenizer)} tokens; drop the tokenizer override "
+            "(eval.py always encodes with the checkpoint's own tokenizer)"
+        )
+
+
 def check_window(
     seq_len: int | None, stride: int | None, block_size: int, limit: int | None
 ) -> int:
@@ -265,7 +283,7 @@ def check_window(
 
 def evaluate_dynamically(
     model: nn.Module,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     tokens: Tensor,
     settings: DynamicEval,
     context: int,
@@ -315,6 +333,7 @@ def main(cfg: DictConfig) -> dict:
     bleu_decoding = check_eval_config(cfg)  # before loading anything: typos fail fast
     device = resolve_device(cfg.device)
     model, vocab = load_model(cfg.ckpt, device=device)
+    check_tokenizer(cfg.get("tokenizer"), vocab, str(cfg.ckpt))
     seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size, model.max_context)
     dynamic = check_dynamic_eval(cfg.get("dynamic_eval") or {})
     if dynamic is not None and dynamic.segment > seq_len:

@@ -31,8 +31,10 @@ class LanguageModel(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         compile: bool = False,
         carry_state: bool = False,
+        tokenizer: dict | None = None,
     ) -> None:
-        """`carry_state`: the batches come in the contiguous data order (`data.order`), so a
+        """`tokenizer`: the tokenizer's `to_dict()` (None: `word`), saved in every checkpoint
+        beside `vocab_words`. `carry_state`: the batches come in the contiguous data order (`data.order`), so a
         model that carries state (`carries_state`, the LSTM) hands each window's final
         state to the next window of its stream, within each epoch, validation and test."""
         super().__init__()
@@ -47,6 +49,7 @@ class LanguageModel(L.LightningModule):
         if compile:
             self.model.compile()  # in place, so state_dict keys stay clean
         self.vocab_words = list(vocab_words)
+        self.tokenizer = dict(tokenizer or {"kind": "word"})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_ppl = Perplexity()
@@ -167,7 +170,9 @@ class LanguageModel(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[METADATA_KEY] = checkpoint_metadata(self.model.config, self.vocab_words)
+        checkpoint[METADATA_KEY] = checkpoint_metadata(
+            self.model.config, self.vocab_words, self.tokenizer
+        )
         entry = self._states.get("train")
         if self.carry_state and entry is not None:
             # Every rank carries its own streams' state: gathered, so each gets its own back.
