@@ -1,6 +1,7 @@
 """Word, character and BPE tokenizers: round trips, JSON, sizes, and what each token stands for."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -119,6 +120,13 @@ def test_generate_and_eval_need_nothing_but_a_char_or_bpe_checkpoint(
     report = evaluate_tiny(ckpt, corpus_dir, cache_dir, tmp_path / "eval.json")
     lines = (corpus_dir / "ptb.test.txt").read_text().splitlines()
     assert report["tokens"] == len(tokenizer.encode_lines(lines))
+    # word-level perplexity and bits per character, directly from the text and the total NLL
+    nll = report["nll"] * report["tokens"]
+    words = sum(len(line.split()) + 1 for line in lines)  # <eos> counted as a word
+    chars = sum(len(" ".join(line.split())) + 1 for line in lines)  # a newline per line
+    assert (report["words"], report["chars"]) == (words, chars)
+    assert report["word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-6)
+    assert report["bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-6)
 
 
 @pytest.mark.slow

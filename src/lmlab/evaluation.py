@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,9 @@ from lmlab.generation import (
 )
 from lmlab.progress import track
 from lmlab.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from lmlab.metrics import UnitCounts
 
 EVAL_ORDERS = ("blocks", "contiguous")
 
@@ -80,6 +84,7 @@ def perplexity(
     batch_size: int = 32,
     eos_id: int = 0,
     order: str = "blocks",
+    units: UnitCounts | None = None,
 ) -> dict[str, float | int]:
     """Perplexity over every token of `tokens` (1-D ids), each predicted exactly once.
 
@@ -92,15 +97,18 @@ def perplexity(
     earlier tokens. `order="contiguous"`: `batch_size` parallel streams read in
     consecutive windows, as `data.order=contiguous` validates; a model that
     carries state (an LSTM) reads each stream whole, with all of its context.
+    With `units` (the checkpoint tokenizer's), also the words and characters
+    scored, word-level perplexity and bits per character (`metrics.TextScores`).
     """
     # lmlab.data brings in Lightning, seconds to import: imported here so that
     # eval.py turns a bad checkpoint or value away before paying for it.
     from lmlab.data import IGNORE_INDEX, TokenBlocks
-    from lmlab.metrics import Perplexity
+    from lmlab.metrics import Perplexity, TextScores
     from lmlab.streams import StreamWindows, sliding_windows
 
     device = next(model.parameters()).device
     metric = Perplexity().to(device)
+    text = TextScores().to(device)
     if order == "contiguous":
         windows = StreamWindows(tokens, batch_size, seq_len, pad_last=True, eos_id=eos_id)
         state = model.new_state(batch_size) if model.carries_state else None
@@ -123,10 +131,17 @@ def perplexity(
         for inputs, targets in track(batches, "perplexity", total=total):  # (B, seq_len) each
             # the training's own loss path: the fused output layer, summed, no logits
             inputs, targets = inputs.to(device), targets.to(device)
-            metric.update(*model(inputs, targets=targets, state=state, reduction="sum"))
+            nll, scored = model(inputs, targets=targets, state=state, reduction="sum")
+            metric.update(nll, scored)
+            if units is not None:
+                text.update(nll, *units(inputs, targets))
     count = int(metric.count)
     mean = float(metric.nll) / max(count, 1)
-    return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+    results = {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+    if units is not None:
+        word_ppl, bpc = text.compute().tolist()
+        results.update(words=int(text.words), chars=int(text.chars), word_ppl=word_ppl, bpc=bpc)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -342,6 +357,7 @@ def main(cfg: DictConfig) -> dict:
             "scored inside one window; use a segment <= seq_len"
         )
     lines, name = read_text(cfg)
+    from lmlab.metrics import UnitCounts  # torchmetrics: imported once the inputs are good
 
     tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
     results = {
@@ -359,9 +375,13 @@ def main(cfg: DictConfig) -> dict:
             stride=cfg.stride,
             batch_size=cfg.batch_size,
             order=cfg.order,
+            units=UnitCounts(vocab.units(), vocab.eos_id),
         )
     )
-    summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
+    summary = (
+        f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens | word ppl "
+        f"{results['word_ppl']:.3f} over {results['words']} words | {results['bpc']:.4f} bpc"
+    )
     if dynamic is not None:
         results["dynamic_eval"] = evaluate_dynamically(model, vocab, tokens, dynamic, seq_len, cfg)
         summary += f" | dynamic eval ppl {results['dynamic_eval']['ppl']:.3f}"

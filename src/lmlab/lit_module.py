@@ -13,9 +13,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lmlab.checkpoint import METADATA_KEY, checkpoint_metadata
-from lmlab.metrics import Perplexity
+from lmlab.metrics import Perplexity, TextScores, UnitCounts
 from lmlab.models import ModelConfig, build_model
 from lmlab.models.interface import State
+from lmlab.tokenizers import tokenizer_from_dict
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -54,6 +55,10 @@ class LanguageModel(L.LightningModule):
         self.scheduler_factory = scheduler
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
+        # word-level perplexity and bits per character (val/word_ppl, val/bpc), any tokenizer
+        self.units = UnitCounts(tokenizer_from_dict(self.tokenizer, self.vocab_words).units(), 0)
+        self.val_text = TextScores()
+        self.test_text = TextScores()
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -87,10 +92,17 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.val_ppl.update(*self.model_step(batch, stage="val"))
+        self._score(batch, "val", self.val_ppl, self.val_text)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.test_ppl.update(*self.model_step(batch, stage="test"))
+        self._score(batch, "test", self.test_ppl, self.test_text)
+
+    def _score(
+        self, batch: tuple[Tensor, Tensor], stage: str, ppl: Perplexity, text: TextScores
+    ) -> None:
+        nll, count = self.model_step(batch, stage=stage)
+        ppl.update(nll, count)
+        text.update(nll, *self.units(*batch))
 
     def on_validation_epoch_start(self) -> None:
         self._states.pop("val", None)  # each validation reads its split from the start
@@ -119,18 +131,22 @@ class LanguageModel(L.LightningModule):
         return state
 
     def on_validation_epoch_end(self) -> None:
-        self._log_perplexity("val", self.val_ppl)
+        self._log_perplexity("val", self.val_ppl, self.val_text)
 
     def on_test_epoch_end(self) -> None:
-        self._log_perplexity("test", self.test_ppl)
+        self._log_perplexity("test", self.test_ppl, self.test_text)
 
-    def _log_perplexity(self, stage: str, metric: Perplexity) -> None:
+    def _log_perplexity(self, stage: str, metric: Perplexity, text: TextScores) -> None:
         # compute() sums log-probabilities and token counts over every batch
         # (and every process), so this is the perplexity of the whole split.
         ppl = metric.compute()
+        word_ppl, bpc = text.compute()
         metric.reset()
+        text.reset()
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
         self.log(f"{stage}/loss", ppl.log())
+        self.log(f"{stage}/word_ppl", word_ppl)
+        self.log(f"{stage}/bpc", bpc)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
