@@ -5,13 +5,15 @@ import math
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 
+from lmlab import evaluation, generation
 from lmlab.checkpoint import load_model
 from lmlab.errors import UserError
 from lmlab.tokenizers import BOUNDARY, TokenizerSpec, tokenizer_from_dict
 from lmlab.vocab import Vocabulary, tokenize
 
-from conftest import evaluate_tiny, fixture_data, run_entry_point, train_tiny
+from conftest import ROOT, fixture_data, run_entry_point, train_tiny
 
 TRAIN = [
     " the company said <unk> N shares rose ",
@@ -97,27 +99,43 @@ def tokenizer_run(request, tmp_path_factory, corpus_dir, cache_dir):
     return kind, train_tiny(run, corpus_dir, cache_dir, "test=false", *overrides)
 
 
+def compose_config(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
 @pytest.mark.slow
 def test_generate_and_eval_need_nothing_but_a_char_or_bpe_checkpoint(
-    tokenizer_run, corpus_dir, cache_dir, tmp_path
+    tokenizer_run, corpus_dir, cache_dir, tmp_path, capsys
 ):
     kind, run = tokenizer_run
     ckpt = run / "checkpoints" / "best.ckpt"
-    result = run_entry_point(
-        "generate.py",
-        f"ckpt={ckpt}",
-        "prompt=the company",
-        "max_new_tokens=12",
-        "strategy=greedy",
-        "stop_at_eos=false",
+    # generate.py's and eval.py's own steps, in this process (a process each costs seconds)
+    generation.main(
+        compose_config(
+            "generate",
+            f"ckpt={ckpt}",
+            "prompt=the company",
+            "max_new_tokens=12",
+            "strategy=greedy",
+            "stop_at_eos=false",
+        )
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = result.stdout.strip()
+    text = capsys.readouterr().out.strip()
     model, tokenizer = load_model(ckpt)
     assert tokenizer.kind == kind and len(text) > 0
     # the continuation is the decoded greedy tokens: it encodes back to the same text
     assert tokenizer.decode(tokenizer.encode(text)) == " ".join(text.split())
-    report = evaluate_tiny(ckpt, corpus_dir, cache_dir, tmp_path / "eval.json")
+    report = evaluation.main(
+        compose_config(
+            "eval",
+            f"ckpt={ckpt}",
+            *fixture_data(corpus_dir, cache_dir),
+            "bleu.num_sentences=0",
+            f"output={tmp_path / 'eval.json'}",
+        )
+    )
+    assert report == json.loads((tmp_path / "eval.json").read_text())
     lines = (corpus_dir / "ptb.test.txt").read_text().splitlines()
     assert report["tokens"] == len(tokenizer.encode_lines(lines))
     # word-level perplexity and bits per character, directly from the text and the total NLL

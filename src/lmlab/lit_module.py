@@ -56,7 +56,7 @@ class LanguageModel(L.LightningModule):
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
         # word-level perplexity and bits per character (val/word_ppl, val/bpc), any tokenizer
-        self.units = UnitCounts(tokenizer_from_dict(self.tokenizer, self.vocab_words).units(), 0)
+        self._units: UnitCounts | None = None  # built at the first validation or test batch
         self.val_text = TextScores()
         self.test_text = TextScores()
 
@@ -102,7 +102,10 @@ class LanguageModel(L.LightningModule):
     ) -> None:
         nll, count = self.model_step(batch, stage=stage)
         ppl.update(nll, count)
-        text.update(nll, *self.units(*batch))
+        if self._units is None:
+            tokenizer = tokenizer_from_dict(self.tokenizer, self.vocab_words)
+            self._units = UnitCounts(tokenizer.units(), tokenizer.eos_id)
+        text.update(nll, *self._units(*batch))
 
     def on_validation_epoch_start(self) -> None:
         self._states.pop("val", None)  # each validation reads its split from the start
