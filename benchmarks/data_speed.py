@@ -1,21 +1,31 @@
-"""How fast PTB is prepared and served, against what a training step consumes.
+"""How fast PTB (or a synthetic corpus of any size) is prepared and served.
 
     python benchmarks/data_speed.py --data-dir ../shared/data/ptb
+    python benchmarks/data_speed.py --synthetic-words 100000000 --synthetic-vocab 250000
 
-Prints: preparing PTB cold (empty cache: read with HF datasets, build the vocabulary,
-encode, write the cache) and warm (verify checksums, find the cache), each the median of
-several fresh data modules in this process; then the training loader's batches per second
-against the `small` model's training steps per second, measured in the same run.
+PTB: preparing cold (empty cache: read with HF datasets, build the vocabulary, encode,
+write the cache) and warm (verify checksums, find the cache), each the median of several
+fresh data modules in this process; then the training loader's batches per second against
+the `small` model's training steps per second, measured in the same run.
+
+--synthetic-words N: a Zipfian corpus of N training words (and N / 100 for validation and
+test, at least 1,000), vocabulary --synthetic-vocab, lines of 20 words, written by the
+script into a temporary folder; then preparation cold and warm, and a training process (the
+`small` model, a few steps from the memory-mapped store), each in a fresh process whose
+wall time and peak resident memory are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -38,11 +48,90 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+SYNTHETIC = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+LINE_WORDS = 20
+CHUNK_LINES = 50_000
+
+
+def write_synthetic(folder: Path, words: int, vocab: int, seed: int = 0) -> None:
+    """Three split files of Zipf-distributed words `w0`, `w1`, ... (p ~ 1 / rank), written in chunks."""
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(1.0 / np.arange(1, vocab + 1))
+    cumulative /= cumulative[-1]
+    names = np.array([f"w{i}" for i in range(vocab)], dtype=object)
+    sizes = {"train": words, "valid": max(1_000, words // 100), "test": max(1_000, words // 100)}
+    for split, size in sizes.items():
+        with open(folder / SYNTHETIC[split], "w") as f:
+            left = size
+            while left > 0:
+                n = min(left, CHUNK_LINES * LINE_WORDS)
+                ranks = np.searchsorted(cumulative, rng.random(n))
+                lines = names[np.minimum(ranks, vocab - 1)]
+                rows = [" ".join(lines[i : i + LINE_WORDS]) for i in range(0, n, LINE_WORDS)]
+                f.write("\n".join(rows) + "\n")
+                left -= n
+
+
+def _child(job: str, data_dir: str, cache: str, queue) -> None:
+    """In a fresh process: prepare (and for `train`, run steps); report (seconds, peak MiB)."""
+    start = time.perf_counter()
+    dm = LMDataModule(data_dir=data_dir, files=SYNTHETIC, cache_dir=cache, seq_len=64)
+    dm.prepare_data()
+    dm.setup()
+    if job == "train":
+        model = GPTLM(GPTConfig(vocab_size=len(dm.vocab), block_size=64, **PRESETS["small"]))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for i, (inputs, targets) in enumerate(dm.train_dataloader()):
+            if i == 5:
+                break
+            loss = model(inputs, targets=targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    queue.put((time.perf_counter() - start, peak))
+
+
+def in_fresh_process(job: str, data_dir: str, cache: str) -> tuple[float, float]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(job, data_dir, cache, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def synthetic(words: int, vocab: int) -> None:
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        write_synthetic(Path(folder), words, vocab)
+        written = time.perf_counter() - start
+        cold = in_fresh_process("prepare", folder, cache)
+        warm = in_fresh_process("prepare", folder, cache)
+        train = in_fresh_process("train", folder, cache)
+    print(f"synthetic Zipfian corpus: {words:,} training words, vocabulary {vocab:,}")
+    print(f"{'what':44} {'seconds':>10} {'peak MiB':>10}")
+    print("-" * 66)
+    print(f"{'writing the corpus (not lmlab)':44} {written:10.2f} {'':>10}")
+    for name, (seconds, peak) in (
+        ("prepare cold (empty cache), fresh process", cold),
+        ("prepare warm (from cache), fresh process", warm),
+        ("training process: setup + 5 small steps", train),
+    ):
+        print(f"{name:44} {seconds:10.2f} {peak:10.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data/ptb")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--synthetic-words", type=int, default=None)
+    parser.add_argument("--synthetic-vocab", type=int, default=250_000)
     args = parser.parse_args()
+    if args.synthetic_words is not None:
+        synthetic(args.synthetic_words, args.synthetic_vocab)
+        return
 
     def prepare(cache: str) -> None:
         dm = datamodule(args.data_dir, cache)

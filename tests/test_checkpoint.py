@@ -11,6 +11,7 @@ import torch
 from lmlab.checkpoint import export, load_model, main, read_checkpoint
 from lmlab.errors import UserError
 from lmlab.models.gpt import GPTLM, GPTConfig
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 from conftest import run_entry_point, serve_folder
@@ -249,7 +250,7 @@ def test_export_round_trip(tmp_path, capsys):
 
 def test_broken_export_is_refused(tmp_path):
     model = tiny_model()
-    folder = export(model, Vocabulary(VOCAB), tmp_path / "out")
+    folder = export(model, Tokenizer(Vocabulary(VOCAB)), tmp_path / "out")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match=r"model\.safetensors is truncated, corrupted"):

@@ -17,6 +17,7 @@ from lmlab.decoding import (
     suppress,
 )
 from lmlab.generation import Decoding, continue_prompts, until_stop
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 
@@ -130,7 +131,7 @@ def test_repetition_penalty_one_changes_nothing(strategy: dict):
     assert not torch.equal(greedy_penalised, generate(model, prompt, 8, temperature=0.0))
 
 
-WORDS = Vocabulary(["<eos>", "<unk>", "the", "company", "said", "."])
+WORDS = Tokenizer(Vocabulary(["<eos>", "<unk>", "the", "company", "said", "."]))
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])

@@ -2,10 +2,11 @@ import hashlib
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks
+from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks, token_dtype
 from lmlab.errors import UserError
 from lmlab.vocab import tokenize
 
@@ -17,6 +18,49 @@ FILES = {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.t
 def datamodule(folder: Path, cache: Path, **kwargs) -> LMDataModule:
     args = dict(data_dir=str(folder), files=FILES, cache_dir=str(cache), seq_len=16, batch_size=4)
     return LMDataModule(**{**args, **kwargs})
+
+
+def ids(store: np.ndarray) -> torch.Tensor:
+    """A split's (memory-mapped) token array as an int64 tensor in memory."""
+    return torch.from_numpy(np.asarray(store, dtype=np.int64))
+
+
+def in_memory_blocks(tokens: torch.Tensor, seq_len: int, pad_last: bool):
+    """Blocks as lmlab built them before the memory-mapped store: the whole stream, viewed."""
+    stream = torch.cat([torch.tensor([0]), tokens])
+    inputs, targets = stream[:-1], stream[1:]
+    if pad_last:
+        pad = -len(targets) % seq_len
+        inputs = torch.cat([inputs, inputs.new_full((pad,), 0)])
+        targets = torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)])
+    else:
+        usable = len(targets) // seq_len * seq_len
+        inputs, targets = inputs[:usable], targets[:usable]
+    return inputs.view(-1, seq_len), targets.view(-1, seq_len)
+
+
+def test_the_memory_mapped_store_serves_the_batches_of_the_in_memory_blocks(corpus_dir, cache_dir):
+    dm = datamodule(corpus_dir, cache_dir, eval_batch_size=5)
+    dm.setup("fit")
+    store = dm.tokens["train"]
+    assert isinstance(store, np.memmap) and store.dtype == np.uint16  # 65 words fit in 16 bits
+    inputs, targets = in_memory_blocks(ids(store), 16, pad_last=False)
+    loader = dm.train_dataloader()
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader.sampler) > 0
+        for (x, y), index in zip(batches, loader.sampler._batches(), strict=True):
+            assert torch.equal(x, inputs[index]) and torch.equal(y, targets[index])
+    inputs, targets = in_memory_blocks(ids(dm.tokens["valid"]), 16, pad_last=True)
+    served = list(dm.val_dataloader())
+    assert torch.equal(torch.cat([x for x, _ in served]), inputs)
+    assert torch.equal(torch.cat([y for _, y in served]), targets)
+
+
+def test_ids_are_stored_in_the_smallest_type_that_holds_the_vocabulary():
+    assert token_dtype(10_000) == np.uint16 and token_dtype(65_536) == np.uint16
+    assert token_dtype(267_735) == np.uint32
 
 
 def count_tokens(path: Path) -> int:
@@ -38,7 +82,7 @@ def test_token_counts_are_exact_and_vocabulary_comes_from_train(corpus_dir, cach
 def test_training_blocks_shift_targets_by_one_token(corpus_dir, cache_dir):
     dm = datamodule(corpus_dir, cache_dir)
     dm.setup("fit")
-    stream = torch.cat([torch.tensor([0]), dm.tokens["train"].long()])
+    stream = torch.cat([torch.tensor([0]), ids(dm.tokens["train"])])
     inputs, targets = next(iter(dm.train_dataloader()))
     assert inputs.shape == targets.shape == (4, 16)
     assert inputs.dtype == torch.long
@@ -56,7 +100,7 @@ def test_validation_predicts_every_token_exactly_once_in_order(corpus_dir, cache
     dm.setup("validate")
     targets = torch.cat([t.flatten() for _, t in dm.val_dataloader()])
     real = targets[targets != IGNORE_INDEX]
-    assert torch.equal(real, dm.tokens["valid"].long())  # all of them, once, in order
+    assert torch.equal(real, ids(dm.tokens["valid"]))  # all of them, once, in order
     assert (targets == IGNORE_INDEX).sum() < 16  # only the last block is padded
 
 

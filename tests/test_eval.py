@@ -25,11 +25,12 @@ from lmlab.evaluation import (
 from lmlab.generation import Decoding
 from lmlab.models.gpt import GPTLM, GPTConfig
 from lmlab.models.kv_cache import KVCache
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 from conftest import ROOT, evaluate_tiny, fixture_data, run_entry_point, tiny_overrides
 
-VOCAB = Vocabulary(["<eos>", "<unk>", *(f"w{i}" for i in range(14))])
+VOCAB = Tokenizer(Vocabulary(["<eos>", "<unk>", *(f"w{i}" for i in range(14))]))
 
 
 def tiny_model(seed: int = 0, block_size: int = 8) -> GPTLM:

@@ -20,6 +20,7 @@ from lmlab.lit_module import LanguageModel
 from lmlab.models import build_model, config_from_dict, preset
 from lmlab.parameters import parameter_counts
 from lmlab.streams import StreamWindows
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 TINY = ["tiny", "llama_tiny", "lstm_tiny"]
@@ -152,7 +153,10 @@ def test_a_checkpoint_and_an_export_rebuild_the_same_model(name: str, tmp_path) 
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"lmlab": metadata, "state_dict": state}, tmp_path / "m.ckpt")
     idx = tokens((2, 8))
-    for source in (tmp_path / "m.ckpt", export(model, Vocabulary(WORDS), tmp_path / "exported")):
+    for source in (
+        tmp_path / "m.ckpt",
+        export(model, Tokenizer(Vocabulary(WORDS)), tmp_path / "exported"),
+    ):
         loaded, vocab = load_model(source)
         assert type(loaded) is type(model) and vocab.words == WORDS
         with torch.no_grad():

@@ -17,6 +17,7 @@ from lmlab.models import build_model
 from lmlab.models.gpt import GPTConfig
 from lmlab.models.llama import LlamaConfig
 from lmlab.models.lstm import LSTMConfig
+from lmlab.tokenizers import CharTokenizer, Tokenizer
 from lmlab.vocab import Vocabulary
 
 from conftest import (
@@ -30,6 +31,7 @@ from conftest import (
 SOURCE_WORDS = ["<eos>", "<unk>", "the", "company", "said", "a", "b", "c", "d", "only_a"]
 # shared words in another order, two words the source never saw, one it had left out
 TARGET_WORDS = ["<eos>", "<unk>", "d", "said", "new1", "the", "b", "company", "a", "c", "new2"]
+TARGET = Tokenizer(Vocabulary(TARGET_WORDS))
 CONFIGS = {
     "gpt": dict(cls=GPTConfig, n_layer=1, n_head=2, n_embd=8, block_size=8),
     "llama": dict(cls=LlamaConfig, n_layer=1, n_head=2, n_embd=8, tie_embeddings=False),
@@ -68,30 +70,33 @@ def test_alignment_keeps_exactly_the_shared_words_rows(family):
 def test_init_from_checks_what_the_weights_mean(tmp_path):
     """docs/failures.md lists the refusals train.py makes; here what only a direct call shows."""
     exported = export(
-        model_of("gpt", SOURCE_WORDS, seed=0), Vocabulary(SOURCE_WORDS), tmp_path / "e"
+        model_of("gpt", SOURCE_WORDS, seed=0), Tokenizer(Vocabulary(SOURCE_WORDS)), tmp_path / "e"
     )
     evil, marker = evil_checkpoint(tmp_path, "zip")
     with pytest.raises(UserError, match=r"holds pickled code or objects"):
-        initialise_from(model_of("gpt", TARGET_WORDS, 1), TARGET_WORDS, str(evil))
+        initialise_from(model_of("gpt", TARGET_WORDS, 1), TARGET, str(evil))
     assert not marker.exists()  # refused without running it
     with pytest.raises(
         UserError,
         match=r"model.block_size is 8 there, 16 here \(model.block_size follows data.seq_len\)",
     ):
-        initialise_from(
-            model_of("gpt", TARGET_WORDS, 1, block_size=16), TARGET_WORDS, str(exported)
-        )
+        initialise_from(model_of("gpt", TARGET_WORDS, 1, block_size=16), TARGET, str(exported))
     # what may differ: the regularisers, and for rotary positions the training window
     target = model_of("gpt", TARGET_WORDS, 1, dropout=0.3)
-    assert initialise_from(target, TARGET_WORDS, str(exported)).kept == 9
+    assert initialise_from(target, TARGET, str(exported)).kept == 9
     llama = model_of("llama", SOURCE_WORDS, 0)
-    llama_export = export(llama, Vocabulary(SOURCE_WORDS), tmp_path / "llama")
+    llama_export = export(llama, Tokenizer(Vocabulary(SOURCE_WORDS)), tmp_path / "llama")
     target = model_of("llama", TARGET_WORDS, 1, block_size=128)
-    assert initialise_from(target, TARGET_WORDS, str(llama_export)).new == 2
+    assert initialise_from(target, TARGET, str(llama_export)).new == 2
     # from a transformers folder: the same weights as from lmlab's own export
-    hf_folder = export(llama, Vocabulary(SOURCE_WORDS), tmp_path / "hf", "hf")
+    hf_folder = export(llama, Tokenizer(Vocabulary(SOURCE_WORDS)), tmp_path / "hf", "hf")
     from_hf = model_of("llama", TARGET_WORDS, 1, block_size=128)
-    assert initialise_from(from_hf, TARGET_WORDS, f"hf:{hf_folder}").kept == 9
+    assert initialise_from(from_hf, TARGET, f"hf:{hf_folder}").kept == 9
+    chars = CharTokenizer.train(["the company said"])
+    with pytest.raises(
+        UserError, match=r"trained with tokenizer=word, this run uses tokenizer=char"
+    ):
+        initialise_from(model_of("gpt", chars.words, 1), chars, str(exported))
     for (name, ours), theirs in zip(target.state_dict().items(), from_hf.state_dict().values()):
         assert torch.equal(ours, theirs), name
 

@@ -25,11 +25,14 @@ from lmlab.generation import (
     stream_continuation,
 )
 from lmlab.models.gpt import GPTLM, GPTConfig
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 from conftest import ROOT, run_entry_point
 
-VOCAB = Vocabulary(["<eos>", "<unk>", "the", "company", "said", *(f"w{i}" for i in range(11))])
+VOCAB = Tokenizer(
+    Vocabulary(["<eos>", "<unk>", "the", "company", "said", *(f"w{i}" for i in range(11))])
+)
 
 
 def tiny_model(seed: int = 0, block_size: int = 16) -> GPTLM:
@@ -120,14 +123,14 @@ def test_read_prompts(tmp_path):
 
 def test_encode_prompts_lowercases_warns_once_and_cuts_from_the_left(capsys):
     ids = encode_prompts(["The COMPANY said xyz", "Foo w1 xyz"], VOCAB, context=16)
-    assert ids[0] == [VOCAB.eos_id, *VOCAB.encode(["the", "company", "said"]), VOCAB.unk_id]
+    assert ids[0] == [VOCAB.eos_id, *VOCAB.vocab.encode(["the", "company", "said"]), VOCAB.unk_id]
     assert ids[1] == [VOCAB.eos_id, VOCAB.unk_id, VOCAB.index["w1"], VOCAB.unk_id]
     assert capsys.readouterr().err.splitlines() == [
         "warning: 2 prompt word(s) not in the vocabulary, read as <unk>: xyz, foo"
     ]
     long = " ".join(f"w{i % 11}" for i in range(20))
     (cut,) = encode_prompts([long], VOCAB, context=8)
-    assert cut == VOCAB.encode(long.split()[-8:])
+    assert cut == VOCAB.vocab.encode(long.split()[-8:])
     assert "cut from the left" in capsys.readouterr().err
 
 

@@ -17,6 +17,7 @@ from lmlab.models import build_model
 from lmlab.models.gpt import GPTConfig
 from lmlab.models.llama import LlamaConfig
 from lmlab.models.lstm import LSTMConfig
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 from conftest import run_entry_point
@@ -115,7 +116,7 @@ def tiny_llama() -> torch.nn.Module:
 
 def test_llama_exported_runs_in_transformers_and_comes_back(tmp_path):
     model, vocab = tiny_llama(), Vocabulary(WORDS)
-    folder = export(model, vocab, tmp_path / "hf_llama", "hf")
+    folder = export(model, Tokenizer(vocab), tmp_path / "hf_llama", "hf")
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is False
@@ -142,7 +143,7 @@ def test_gpt_without_biases_exports_zero_biases(tmp_path):
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.5)
-    folder = export(model.eval(), Vocabulary(WORDS), tmp_path / "hf_gpt", "hf")
+    folder = export(model.eval(), Tokenizer(Vocabulary(WORDS)), tmp_path / "hf_gpt", "hf")
     check_same_model(
         model,
         Vocabulary(WORDS),
@@ -154,7 +155,7 @@ def test_gpt_without_biases_exports_zero_biases(tmp_path):
 def test_lstm_export_to_hf_is_refused(tmp_path):
     model = build_model(LSTMConfig(vocab_size=len(WORDS), n_layer=1, n_embd=8, n_hidden=8))
     with pytest.raises(UserError, match=r"^the lstm family has no transformers class; export"):
-        export_hf(model, Vocabulary(WORDS), tmp_path / "out")
+        export_hf(model, Tokenizer(Vocabulary(WORDS)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -164,7 +165,7 @@ def edit_json(path: Path, **changes) -> None:
 
 @pytest.fixture
 def llama_folder(tmp_path) -> Path:
-    return export(tiny_llama(), Vocabulary(WORDS), tmp_path / "hf_llama", "hf")
+    return export(tiny_llama(), Tokenizer(Vocabulary(WORDS)), tmp_path / "hf_llama", "hf")
 
 
 def test_import_refuses_what_lmlab_cannot_hold(llama_folder: Path, tmp_path: Path):

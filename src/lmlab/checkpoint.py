@@ -1,13 +1,13 @@
 """Safe loading and self-describing checkpoints.
 
 A checkpoint written by train.py is a Lightning checkpoint: the weights under
-`state_dict` (keys prefixed `model.`) and, under `lmlab`, the model config and
-the vocabulary as plain values. So `load_model` rebuilds the model (any family) from
+`state_dict` (keys prefixed `model.`) and, under `lmlab`, the model config,
+the vocabulary (the token list) and the tokenizer (`lmlab.tokenizers`) as plain values. So `load_model` rebuilds the model (any family) from
 the file alone: no Trainer, no dataset. `export` writes the same model as files
 any tool can read: `model.safetensors`, `config.json` (the model config) and
-`vocab.json`; `load_model` reads that folder too. With `export_format="hf"` it
-writes a Hugging Face transformers folder instead (`lmlab.hf`), which
-`load_model` reads back from `hf:DIR` (or DIR).
+`vocab.json` (and `lmlab_tokenizer.json` for a char or BPE model); `load_model` reads that
+folder too. With `export_format="hf"` it writes a Hugging Face transformers folder
+instead (`lmlab.hf`), which `load_model` reads back from `hf:DIR` (or DIR).
 
 Loading never runs code from the file. `torch.load` gets `weights_only=True`
 explicitly: torch (>= 2.6, see `torch.serialization.load`) lets
@@ -42,6 +42,7 @@ from lmlab.errors import UserError, report_user_errors
 from lmlab.hf import PREFIX as HF_PREFIX
 from lmlab.hf import export_hf, import_hf, is_hf_folder
 from lmlab.models import ModelConfig, build_model, config_from_dict
+from lmlab.tokenizers import Tokenizer, tokenizer_from_dict
 from lmlab.vocab import Vocabulary
 
 METADATA_KEY = "lmlab"  # checkpoint["lmlab"]: what a checkpoint says about itself
@@ -53,6 +54,7 @@ CONFIG_FILE = "config.json"  # the model config in an exported folder
 MODEL_CONFIG_FILE = "model_config.json"  # the model config beside a run's checkpoints
 VOCAB_FILE = "vocab.json"
 EXPORT_FORMATS = ("safetensors", "hf")  # lmlab's own folder; a Hugging Face transformers folder
+TOKENIZER_FILE = "lmlab_tokenizer.json"  # a char or BPE model's tokenizer (word needs none)
 
 # What the weights-only unpickler says when a file asks for code or objects.
 _UNSAFE_PATTERNS = (
@@ -70,8 +72,11 @@ _REFUSED = "refusing to load it; only lmlab checkpoints of tensors and plain val
 # What a checkpoint says about itself.
 
 
-def checkpoint_metadata(model_config: ModelConfig, vocab_words: Sequence[str]) -> dict:
-    """`checkpoint["lmlab"]`: the format, the model config and the vocabulary, as plain values.
+def checkpoint_metadata(
+    model_config: ModelConfig, vocab_words: Sequence[str], tokenizer: dict | None = None
+) -> dict:
+    """`checkpoint["lmlab"]`: the format, the model config, the vocabulary and the tokenizer
+    (its `to_dict()`; None: `word`), as plain values.
 
     The one builder of this dict: `LanguageModel.on_save_checkpoint` stores it,
     `write_model_files` writes its readable copies beside the checkpoints and
@@ -81,16 +86,21 @@ def checkpoint_metadata(model_config: ModelConfig, vocab_words: Sequence[str]) -
         "format": CHECKPOINT_FORMAT,
         "model_config": model_config.to_dict(),
         "vocab": list(vocab_words),
+        "tokenizer": dict(tokenizer or {"kind": "word"}),
     }
 
 
 def write_model_files(
     folder: str | Path, metadata: dict, config_file: str = MODEL_CONFIG_FILE
 ) -> None:
-    """The readable copies of `metadata`: the model config (`config_file`) and `vocab.json`."""
+    """The readable copies of `metadata`: the model config (`config_file`), `vocab.json` and,
+    for a char or BPE model, its tokenizer."""
     folder = Path(folder)
     write_atomically(folder / config_file, json.dumps(metadata["model_config"], indent=2) + "\n")
     Vocabulary(metadata["vocab"]).save(folder / VOCAB_FILE)
+    tokenizer = metadata.get("tokenizer") or {"kind": "word"}
+    if tokenizer["kind"] != "word":
+        write_atomically(folder / TOKENIZER_FILE, json.dumps(tokenizer, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------
@@ -180,8 +190,8 @@ def _first_non_plain(obj: Any) -> str | None:
 
 def load_model(
     source: str | Path, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, Vocabulary]:
-    """The model (in eval mode, on `device`), of whichever family it is, and its `Vocabulary`.
+) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model (in eval mode, on `device`), of whichever family it is, and its tokenizer.
 
     `source` is a .ckpt file written by train.py, an http(s) URL of one, a
     folder written by `export` (or the `model.safetensors` file inside it), or
@@ -190,8 +200,8 @@ def load_model(
     name = str(source)
     path = None if is_url(source) else Path(source).expanduser()
     if name.startswith(HF_PREFIX) or (path is not None and is_hf_folder(path)):
-        model, vocab = import_hf(name)
-        return model.to(device).eval(), vocab
+        model, words = import_hf(name)
+        return model.to(device).eval(), Tokenizer(words)
     if path is not None and path.suffix == ".safetensors" and path.is_file():
         if path.name != WEIGHTS_FILE:
             raise UserError(
@@ -202,8 +212,8 @@ def load_model(
     if path is not None and path.is_dir():
         model, vocab = _load_export(path, name)
     else:
-        config, words, state = _unpack(read_checkpoint(source), name)
-        model, vocab = _build(config, words, name)
+        config, words, tokenizer, state = _unpack(read_checkpoint(source), name)
+        model, vocab = _build(config, words, tokenizer, name)
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
@@ -213,7 +223,7 @@ def load_model(
     return model.to(device).eval(), vocab
 
 
-def _unpack(checkpoint: dict, name: str) -> tuple[dict, list, dict]:
+def _unpack(checkpoint: dict, name: str) -> tuple[dict, list, dict | None, dict]:
     meta = checkpoint.get(METADATA_KEY)
     if meta is None:
         raise UserError(
@@ -236,10 +246,10 @@ def _unpack(checkpoint: dict, name: str) -> tuple[dict, list, dict]:
         }
     if not weights:
         raise UserError(f"{name} has no model weights (no 'state_dict' with 'model.' keys)")
-    return meta.get("model_config"), meta.get("vocab"), weights
+    return meta.get("model_config"), meta.get("vocab"), meta.get("tokenizer"), weights
 
 
-def _build(config: Any, words: Any, name: str) -> tuple[torch.nn.Module, Vocabulary]:
+def _build(config: Any, words: Any, tokenizer: Any, name: str) -> tuple[torch.nn.Module, Tokenizer]:
     if not isinstance(config, dict):
         raise UserError(f"{name} has no model config (a dict of the model's arguments)")
     try:
@@ -248,10 +258,12 @@ def _build(config: Any, words: Any, name: str) -> tuple[torch.nn.Module, Vocabul
         raise UserError(f"{name} has an invalid model config: {error}") from None
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UserError(f"{name} has no vocabulary (a list of words)")
+    if tokenizer is not None and not isinstance(tokenizer, dict):
+        raise UserError(f"{name} has an invalid tokenizer (a dict of plain values)")
     try:
-        vocab = Vocabulary(words)
+        vocab = tokenizer_from_dict(tokenizer, words)
     except ValueError as error:
-        raise UserError(f"{name} has an invalid vocabulary: {error}") from None
+        raise UserError(f"{name} has an invalid vocabulary or tokenizer: {error}") from None
     if len(vocab) != model_config.vocab_size:
         raise UserError(
             f"{name} has {len(vocab)} vocabulary words but a model config with "
@@ -270,7 +282,7 @@ def _brief(error: BaseException) -> str:
 
 def export(
     model: torch.nn.Module,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     folder: str | Path,
     export_format: str = "safetensors",
     source: str | None = None,
@@ -290,7 +302,8 @@ def export(
         _unique_tensors(model.state_dict()), metadata={"lmlab_format": str(CHECKPOINT_FORMAT)}
     )
     write_atomically(out / WEIGHTS_FILE, weights)
-    write_model_files(out, checkpoint_metadata(model.config, vocab.words), config_file=CONFIG_FILE)
+    metadata = checkpoint_metadata(model.config, vocab.words, vocab.to_dict())
+    write_model_files(out, metadata, config_file=CONFIG_FILE)
     return out
 
 
@@ -316,7 +329,7 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return unique
 
 
-def _load_export(folder: Path, name: str) -> tuple[torch.nn.Module, Vocabulary]:
+def _load_export(folder: Path, name: str) -> tuple[torch.nn.Module, Tokenizer]:
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE) if not (folder / f).is_file()]
     if missing:
         raise UserError(
@@ -326,9 +339,13 @@ def _load_export(folder: Path, name: str) -> tuple[torch.nn.Module, Vocabulary]:
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
         words = json.loads((folder / VOCAB_FILE).read_text()).get("words")
+        tokenizer_path = folder / TOKENIZER_FILE
+        tokenizer = json.loads(tokenizer_path.read_text()) if tokenizer_path.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise UserError(f"{name}: {CONFIG_FILE} or {VOCAB_FILE} is not valid: {error}") from None
-    model, vocab = _build(config, words, name)
+        raise UserError(
+            f"{name}: {CONFIG_FILE}, {VOCAB_FILE} or {TOKENIZER_FILE} is not valid: {error}"
+        ) from None
+    model, vocab = _build(config, words, tokenizer, name)
     try:
         safetensors.torch.load_model(model, folder / WEIGHTS_FILE, strict=True)
     except (RuntimeError, OSError, safetensors.SafetensorError) as error:

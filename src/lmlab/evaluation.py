@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,10 @@ from lmlab.generation import (
 )
 from lmlab.neural_cache import NeuralCache, cache_perplexity
 from lmlab.progress import track
-from lmlab.vocab import Vocabulary, tokenize
+from lmlab.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from lmlab.metrics import UnitCounts
 
 EVAL_ORDERS = ("blocks", "contiguous")
 
@@ -55,17 +59,17 @@ def read_text(cfg: Mapping) -> tuple[list[str], str]:
     return lines, path.stem
 
 
-def encode_lines(lines: Sequence[str], vocab: Vocabulary, source: str) -> Tensor:
-    """The token ids (int64) of `lines` as training encodes them: each line's words, then `<eos>`."""
-    words = [word for line in lines for word in tokenize(line)]
-    unknown = vocab.unknown(words)
+def encode_lines(lines: Sequence[str], vocab: Tokenizer, source: str) -> Tensor:
+    """The token ids (int64) of `lines` as training encodes them: each line's tokens, then `<eos>`."""
+    unknown = vocab.unknown(lines)
     if unknown:
         shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        what = "word(s)" if vocab.kind == "word" else "character(s)"
         warn(
-            f"{len(unknown)} distinct word(s) of {source} are not in the checkpoint's vocabulary "
+            f"{len(unknown)} distinct {what} of {source} are not in the checkpoint's vocabulary "
             f"and read as <unk>: {shown}"
         )
-    return torch.tensor(vocab.encode(words), dtype=torch.long)
+    return torch.from_numpy(vocab.encode_lines(lines)).long()
 
 
 # ---------------------------------------------------------------------------
@@ -81,6 +85,7 @@ def perplexity(
     batch_size: int = 32,
     eos_id: int = 0,
     order: str = "blocks",
+    units: UnitCounts | None = None,
 ) -> dict[str, float | int]:
     """Perplexity over every token of `tokens` (1-D ids), each predicted exactly once.
 
@@ -93,15 +98,18 @@ def perplexity(
     earlier tokens. `order="contiguous"`: `batch_size` parallel streams read in
     consecutive windows, as `data.order=contiguous` validates; a model that
     carries state (an LSTM) reads each stream whole, with all of its context.
+    With `units` (the checkpoint tokenizer's), also the words and characters
+    scored, word-level perplexity and bits per character (`metrics.TextScores`).
     """
     # lmlab.data brings in Lightning, seconds to import: imported here so that
     # eval.py turns a bad checkpoint or value away before paying for it.
     from lmlab.data import IGNORE_INDEX, TokenBlocks
-    from lmlab.metrics import Perplexity
+    from lmlab.metrics import Perplexity, TextScores
     from lmlab.streams import StreamWindows, sliding_windows
 
     device = next(model.parameters()).device
     metric = Perplexity().to(device)
+    text = TextScores().to(device)
     if order == "contiguous":
         windows = StreamWindows(tokens, batch_size, seq_len, pad_last=True, eos_id=eos_id)
         state = model.new_state(batch_size) if model.carries_state else None
@@ -124,10 +132,17 @@ def perplexity(
         for inputs, targets in track(batches, "perplexity", total=total):  # (B, seq_len) each
             # the training's own loss path: the fused output layer, summed, no logits
             inputs, targets = inputs.to(device), targets.to(device)
-            metric.update(*model(inputs, targets=targets, state=state, reduction="sum"))
+            nll, scored = model(inputs, targets=targets, state=state, reduction="sum")
+            metric.update(nll, scored)
+            if units is not None:
+                text.update(nll, *units(inputs, targets))
     count = int(metric.count)
     mean = float(metric.nll) / max(count, 1)
-    return {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+    results = {"tokens": count, "nll": mean, "ppl": math.exp(mean)}
+    if units is not None:
+        word_ppl, bpc = text.compute().tolist()
+        results.update(words=int(text.words), chars=int(text.chars), word_ppl=word_ppl, bpc=bpc)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +151,7 @@ def perplexity(
 
 def continuation_bleu(
     model: nn.Module,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     lines: Sequence[str],
     *,
     prompt_words: int,
@@ -160,8 +175,11 @@ def continuation_bleu(
     sentences = sentences[:num_sentences]
     if not sentences:
         return None
-    prompts = [prompt_ids(words[:prompt_words], vocab, model.max_context) for words in sentences]
-    lengths = [len(words) - prompt_words for words in sentences]
+    prompts = [
+        prompt_ids(" ".join(words[:prompt_words]), vocab, model.max_context) for words in sentences
+    ]
+    # as many tokens as the true remainder has (a word model: one per word)
+    lengths = [len(vocab.encode(" ".join(words[prompt_words:]))) for words in sentences]
     continuations = continue_prompts(
         model, prompts, lengths, decoding, vocab=vocab, generator=generator, batch_size=batch_size
     )
@@ -268,6 +286,21 @@ def check_cache(node: Mapping) -> NeuralCache | None:
     return NeuralCache(size=node["size"], theta=node["theta"], lambda_=node["lambda"])
 
 
+def check_tokenizer(node: Mapping | None, tokenizer: Tokenizer, ckpt: str) -> None:
+    """A `tokenizer=` override must describe the checkpoint's own tokenizer, which eval.py uses."""
+    if not node:
+        return
+    spec = instantiate(node)
+    size = spec.vocab_size
+    if spec.kind != tokenizer.kind or (size is not None and size != len(tokenizer)):
+        wanted = spec.kind + (f" with vocab_size={size}" if size is not None else "")
+        raise UserError(
+            f"tokenizer={wanted} does not match checkpoint {ckpt}, whose tokenizer is "
+            f"{tokenizer.kind} with {len(tokenizer)} tokens; drop the tokenizer override "
+            "(eval.py always encodes with the checkpoint's own tokenizer)"
+        )
+
+
 def check_window(
     seq_len: int | None, stride: int | None, block_size: int, limit: int | None
 ) -> int:
@@ -288,7 +321,7 @@ def check_window(
 
 def evaluate_dynamically(
     model: nn.Module,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     tokens: Tensor,
     settings: DynamicEval,
     context: int,
@@ -346,6 +379,7 @@ def main(cfg: DictConfig) -> dict:
     bleu_decoding = check_eval_config(cfg)  # before loading anything: typos fail fast
     device = resolve_device(cfg.device)
     model, vocab = load_model(cfg.ckpt, device=device)
+    check_tokenizer(cfg.get("tokenizer"), vocab, str(cfg.ckpt))
     seq_len = check_window(cfg.seq_len, cfg.stride, model.config.block_size, model.max_context)
     dynamic = check_dynamic_eval(cfg.get("dynamic_eval") or {})
     cache = check_cache(cfg.get("cache") or {})
@@ -355,6 +389,7 @@ def main(cfg: DictConfig) -> dict:
             "scored inside one window; use a segment <= seq_len"
         )
     lines, name = read_text(cfg)
+    from lmlab.metrics import UnitCounts  # torchmetrics: imported once the inputs are good
 
     tokens = encode_lines(lines, vocab, name)  # with the checkpoint's vocabulary
     results = {
@@ -372,9 +407,13 @@ def main(cfg: DictConfig) -> dict:
             stride=cfg.stride,
             batch_size=cfg.batch_size,
             order=cfg.order,
+            units=UnitCounts(vocab.units(), vocab.eos_id),
         )
     )
-    summary = f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens"
+    summary = (
+        f"{name} ppl {results['ppl']:.3f} over {results['tokens']} tokens | word ppl "
+        f"{results['word_ppl']:.3f} over {results['words']} words | {results['bpc']:.4f} bpc"
+    )
     if cache is not None:
         scored = cache_perplexity(
             model, tokens, cache, seq_len=seq_len, stride=cfg.stride, eos_id=vocab.eos_id

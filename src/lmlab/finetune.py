@@ -31,6 +31,7 @@ from lmlab.checkpoint import load_model
 from lmlab.download import is_url
 from lmlab.errors import UserError
 from lmlab.hf import PREFIX as HF_PREFIX
+from lmlab.tokenizers import Tokenizer
 
 # The tensors with one row per word, by the names every family gives them.
 VOCAB_ROWS = ("token_embedding.weight", "lm_head.weight", "lm_head.bias")
@@ -55,12 +56,19 @@ class Alignment:
         )
 
 
-def initialise_from(model: nn.Module, words: Sequence[str], source: str) -> Alignment:
-    """Copy the weights of `source` into `model` (vocabulary `words`); return the alignment."""
+def initialise_from(model: nn.Module, tokenizer: Tokenizer, source: str) -> Alignment:
+    """Copy the weights of `source` into `model` (whose tokens are `tokenizer`'s); return the
+    alignment. Rows are matched by token text, which means the same only within one kind of
+    tokenizer: a word model's rows are words, a char model's characters."""
     _check_exists(source)
-    trained, trained_vocab = load_model(source)
+    trained, trained_tokenizer = load_model(source)
+    if trained_tokenizer.kind != tokenizer.kind:
+        raise UserError(
+            f"init_from={source} was trained with tokenizer={trained_tokenizer.kind}, this run "
+            f"uses tokenizer={tokenizer.kind}; pass tokenizer={trained_tokenizer.kind}"
+        )
     check_compatible(trained.config, model.config, source)
-    return copy_weights(model, words, trained, trained_vocab.words)
+    return copy_weights(model, tokenizer.words, trained, trained_tokenizer.words)
 
 
 def _check_exists(source: str) -> None:

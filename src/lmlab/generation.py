@@ -1,4 +1,4 @@
-"""Text in, text out: prompts encoded with a checkpoint's vocabulary, continued in batches.
+"""Text in, text out: prompts encoded with a checkpoint's tokenizer, continued in batches.
 
 `main` holds generate.py's steps; eval.py uses the rest for BLEU of continuations. A prompt starts a
 sentence: it is fed after `<eos>`, as every sentence follows one in training.
@@ -25,7 +25,7 @@ from lmlab.checks import is_int
 from lmlab.decoding import Controls, beam_search, check_beam_args, check_decoding_args, generate
 from lmlab.errors import UserError
 from lmlab.progress import track
-from lmlab.vocab import Vocabulary, tokenize
+from lmlab.tokenizers import Tokenizer
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 STRATEGIES = ("greedy", "sample", "beam")
@@ -73,7 +73,7 @@ class Decoding:
                 values[name] = tuple(value)
         return cls(**values)
 
-    def controls(self, vocab: Vocabulary) -> Controls:
+    def controls(self, vocab: Tokenizer) -> Controls:
         """The controls on the scores, with suppressed words as ids; unknown words warn."""
         unknown = [w for w in self.suppress_tokens if w not in vocab.index]
         if unknown:
@@ -181,33 +181,36 @@ def read_prompts(prompt: object, prompts_file: str | None) -> list[str]:
     return [text]
 
 
-def prompt_words(text: str) -> list[str]:
-    """A prompt lower-cased and split like the PTB files (without the closing `<eos>`)."""
-    return tokenize(text.lower())[:-1]
+def prompt_text(text: str, vocab: Tokenizer) -> str:
+    """A prompt as the model reads it: lower-cased for a word model, as lmlab always did (PTB is
+    lower-case); a char or BPE model reads it as written (WikiText is cased)."""
+    return text.lower() if vocab.kind == "word" else text
 
 
-def prompt_ids(words: Sequence[str], vocab: Vocabulary, context: int | None) -> list[int]:
-    """`<eos>` then the ids of `words`, cut from the left to the model's `context` (None: whole)."""
-    ids = [vocab.eos_id, *vocab.encode(words)]
+def prompt_ids(text: str, vocab: Tokenizer, context: int | None) -> list[int]:
+    """`<eos>` then the ids of `text`, cut from the left to the model's `context` (None: whole)."""
+    ids = [vocab.eos_id, *vocab.encode(text)]
     return ids if context is None else ids[-context:]
 
 
-def encode_prompts(texts: Sequence[str], vocab: Vocabulary, context: int | None) -> list[list[int]]:
-    """Each prompt's ids, with one warning listing every word read as `<unk>`."""
-    words = [prompt_words(text) for text in texts]
-    unknown = vocab.unknown(w for prompt in words for w in prompt)
+def encode_prompts(texts: Sequence[str], vocab: Tokenizer, context: int | None) -> list[list[int]]:
+    """Each prompt's ids, with one warning listing everything read as `<unk>`."""
+    texts = [prompt_text(text, vocab) for text in texts]
+    unknown = vocab.unknown(texts)
     if unknown:
+        what = "word(s)" if vocab.kind == "word" else "character(s)"
         warn(
-            f"{len(unknown)} prompt word(s) not in the vocabulary, read as <unk>: "
+            f"{len(unknown)} prompt {what} not in the vocabulary, read as <unk>: "
             + ", ".join(unknown)
         )
-    too_long = [i for i, p in enumerate(words) if context is not None and len(p) + 1 > context]
+    prompts = [prompt_ids(text, vocab, None) for text in texts]
+    too_long = [i for i, p in enumerate(prompts) if context is not None and len(p) > context]
     if too_long:
         warn(
             f"{len(too_long)} prompt(s) longer than the model's context of {context} tokens "
             "are cut from the left"
         )
-    return [prompt_ids(prompt, vocab, context) for prompt in words]
+    return [ids if context is None else ids[-context:] for ids in prompts]
 
 
 # ---------------------------------------------------------------------------
@@ -220,7 +223,7 @@ def continue_prompts(
     max_new_tokens: int | Sequence[int],
     decoding: Decoding,
     *,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     generator: torch.Generator | None = None,
     batch_size: int = 32,
 ) -> list[list[list[int]]]:
@@ -296,7 +299,7 @@ def continue_prompts(
     return results
 
 
-def _stop_rows(stops: Sequence[str], vocab: Vocabulary):
+def _stop_rows(stops: Sequence[str], vocab: Tokenizer):
     """For `generate`: which rows' new text holds a stop string, (B,) bool."""
 
     def stopped(new_tokens: torch.Tensor) -> torch.Tensor:
@@ -314,7 +317,7 @@ def until_stop(text: str, stops: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut].rstrip()
 
 
-def continuation_text(tokens: Sequence[int], vocab: Vocabulary, stops: Sequence[str] = ()) -> str:
+def continuation_text(tokens: Sequence[int], vocab: Tokenizer, stops: Sequence[str] = ()) -> str:
     """The words of a continuation, ended before its first stop string."""
     return until_stop(vocab.decode(tokens), stops)
 
@@ -341,16 +344,18 @@ def stream_continuation(
     prompt: Sequence[int],
     max_new_tokens: int,
     decoding: Decoding,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     generator: torch.Generator | None = None,
     out: TextIO | None = None,
 ) -> None:
-    """Continue one prompt, writing each word to `out` (stdout) as soon as it is chosen.
+    """Continue one prompt, writing each token's text to `out` (stdout) as soon as it is chosen.
 
-    The text is exactly the line `format_continuations` would print for it.
+    The text is exactly the line `format_continuations` would print for it:
+    what is shown is the decoded continuation so far, less what was shown before.
     """
     out = out or sys.stdout
-    shown = 0
+    tokens: list[int] = []
+    shown = ""
     ended = False
 
     def show(next_ids: torch.Tensor) -> None:
@@ -359,9 +364,11 @@ def stream_continuation(
         if ended or (decoding.stop_at_eos and token == vocab.eos_id):
             ended = True
             return
-        out.write((" " if shown else "") + vocab.words[token])
+        tokens.append(token)
+        text = vocab.decode(tokens)
+        out.write(text[len(shown) :])
         out.flush()
-        shown += 1
+        shown = text
 
     device = next(model.parameters()).device
     generate(
@@ -403,7 +410,7 @@ def resolve_device(name: str) -> torch.device:
 def format_continuations(
     texts: Sequence[str],
     continuations: Sequence[Sequence[Sequence[int]]],
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     output: str,
     stops: Sequence[str] = (),
 ) -> Iterator[str]:

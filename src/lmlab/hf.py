@@ -36,6 +36,7 @@ from lmlab.atomic import write_atomically
 from lmlab.download import is_url
 from lmlab.errors import UserError
 from lmlab.models import build_model, config_from_dict
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import EOS, UNK, Vocabulary
 
 PREFIX = "hf:"  # init_from=hf:DIR, ckpt=hf:DIR
@@ -370,10 +371,15 @@ def vocabulary_from_tokenizer(folder: Path, name: str) -> Vocabulary:
 
 
 def export_hf(
-    model: nn.Module, vocab: Vocabulary, folder: str | Path, source: str | None = None
+    model: nn.Module, vocab: Tokenizer, folder: str | Path, source: str | None = None
 ) -> Path:
     """Write `model` and its tokenizer as a transformers folder; return the folder."""
     family = model.config.family
+    if vocab.kind != "word":
+        raise UserError(
+            f"export_format=hf writes word-level tokenizers only so far; this model uses "
+            f"tokenizer={vocab.kind}: export it with export_format=safetensors (the default)"
+        )
     if family not in _ARCHITECTURES:
         raise UserError(
             f"the {family} family has no transformers class; export it with "

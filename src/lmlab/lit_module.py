@@ -13,9 +13,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lmlab.checkpoint import METADATA_KEY, checkpoint_metadata
-from lmlab.metrics import Perplexity
+from lmlab.metrics import Perplexity, TextScores, UnitCounts
 from lmlab.models import ModelConfig, build_model
 from lmlab.models.interface import State
+from lmlab.tokenizers import tokenizer_from_dict
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -31,8 +32,10 @@ class LanguageModel(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         compile: bool = False,
         carry_state: bool = False,
+        tokenizer: dict | None = None,
     ) -> None:
-        """`carry_state`: the batches come in the contiguous data order (`data.order`), so a
+        """`tokenizer`: the tokenizer's `to_dict()` (None: `word`), saved in every checkpoint
+        beside `vocab_words`. `carry_state`: the batches come in the contiguous data order (`data.order`), so a
         model that carries state (`carries_state`, the LSTM) hands each window's final
         state to the next window of its stream, within each epoch, validation and test."""
         super().__init__()
@@ -47,10 +50,15 @@ class LanguageModel(L.LightningModule):
         if compile:
             self.model.compile()  # in place, so state_dict keys stay clean
         self.vocab_words = list(vocab_words)
+        self.tokenizer = dict(tokenizer or {"kind": "word"})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
+        # word-level perplexity and bits per character (val/word_ppl, val/bpc), any tokenizer
+        self._units: UnitCounts | None = None  # built at the first validation or test batch
+        self.val_text = TextScores()
+        self.test_text = TextScores()
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -84,10 +92,20 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.val_ppl.update(*self.model_step(batch, stage="val"))
+        self._score(batch, "val", self.val_ppl, self.val_text)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.test_ppl.update(*self.model_step(batch, stage="test"))
+        self._score(batch, "test", self.test_ppl, self.test_text)
+
+    def _score(
+        self, batch: tuple[Tensor, Tensor], stage: str, ppl: Perplexity, text: TextScores
+    ) -> None:
+        nll, count = self.model_step(batch, stage=stage)
+        ppl.update(nll, count)
+        if self._units is None:
+            tokenizer = tokenizer_from_dict(self.tokenizer, self.vocab_words)
+            self._units = UnitCounts(tokenizer.units(), tokenizer.eos_id)
+        text.update(nll, *self._units(*batch))
 
     def on_validation_epoch_start(self) -> None:
         self._states.pop("val", None)  # each validation reads its split from the start
@@ -116,18 +134,22 @@ class LanguageModel(L.LightningModule):
         return state
 
     def on_validation_epoch_end(self) -> None:
-        self._log_perplexity("val", self.val_ppl)
+        self._log_perplexity("val", self.val_ppl, self.val_text)
 
     def on_test_epoch_end(self) -> None:
-        self._log_perplexity("test", self.test_ppl)
+        self._log_perplexity("test", self.test_ppl, self.test_text)
 
-    def _log_perplexity(self, stage: str, metric: Perplexity) -> None:
+    def _log_perplexity(self, stage: str, metric: Perplexity, text: TextScores) -> None:
         # compute() sums log-probabilities and token counts over every batch
         # (and every process), so this is the perplexity of the whole split.
         ppl = metric.compute()
+        word_ppl, bpc = text.compute()
         metric.reset()
+        text.reset()
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
         self.log(f"{stage}/loss", ppl.log())
+        self.log(f"{stage}/word_ppl", word_ppl)
+        self.log(f"{stage}/bpc", bpc)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -167,7 +189,9 @@ class LanguageModel(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[METADATA_KEY] = checkpoint_metadata(self.model.config, self.vocab_words)
+        checkpoint[METADATA_KEY] = checkpoint_metadata(
+            self.model.config, self.vocab_words, self.tokenizer
+        )
         entry = self._states.get("train")
         if self.carry_state and entry is not None:
             # Every rank carries its own streams' state: gathered, so each gets its own back.

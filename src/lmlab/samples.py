@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lmlab.decoding import generate
-from lmlab.vocab import Vocabulary
+from lmlab.tokenizers import Tokenizer, tokenizer_from_dict
 
 SAMPLES_FILE = "samples.md"
 
@@ -32,9 +32,9 @@ class SampleText(Callback):
     `torch.Generator` seeded with `seed` at every validation, so the samples
     differ between validations only because the model did; the global RNG
     state is saved and restored around decoding, so training is undisturbed.
-    Prompts are words of the model's vocabulary (`pl_module.vocab_words`),
-    read after an `<eos>` as if a new sentence started; unknown words become
-    `<unk>`. Entries go to `samples.md` (one per validation, headed with the
+    Prompts are encoded with the model's tokenizer (`pl_module.tokenizer` over
+    `pl_module.vocab_words`), read after an `<eos>` as if a new sentence
+    started; what the tokenizer does not know becomes `<unk>`. Entries go to `samples.md` (one per validation, headed with the
     step and val/ppl) and, as text, to TensorBoard and W&B loggers. Global
     rank 0 only.
     """
@@ -63,7 +63,7 @@ class SampleText(Callback):
         self.top_k = top_k
         self.top_p = top_p
         self.seed = seed
-        self._vocab: Vocabulary | None = None
+        self._vocab: Tokenizer | None = None
 
     @property
     def samples_path(self) -> Path:
@@ -76,14 +76,14 @@ class SampleText(Callback):
     def continuations(self, pl_module: L.LightningModule) -> list[dict[str, str]]:
         """For each prompt: {"prompt", "greedy", "sampled"} (the new words only)."""
         if self._vocab is None:
-            self._vocab = Vocabulary(pl_module.vocab_words)
+            self._vocab = tokenizer_from_dict(pl_module.tokenizer, pl_module.vocab_words)
         vocab, model, device = self._vocab, pl_module.model, pl_module.device
         rows = []
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             generator = torch.Generator(device=device).manual_seed(self.seed)
             for prompt in self.prompts:
-                ids = [vocab.eos_id, *vocab.encode(prompt.split())]
+                ids = [vocab.eos_id, *vocab.encode(prompt)]
                 prompt_ids = torch.tensor([ids], device=device)
                 greedy = generate(model, prompt_ids, self.max_new_tokens, temperature=0.0)
                 sampled = generate(

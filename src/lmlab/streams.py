@@ -84,14 +84,14 @@ class StreamWindows(Dataset):
         end = self.starts[:, None] + self.stream_len
         real = (position < end) & (position < self.total)
         where = position.clamp(max=self.total - 1)
-        targets = _take(self.tokens, where).masked_fill(~real, IGNORE_INDEX)
-        previous = _take(self.tokens, (where - 1).clamp(min=0))
+        targets = take_tokens(self.tokens, where).masked_fill(~real, IGNORE_INDEX)
+        previous = take_tokens(self.tokens, (where - 1).clamp(min=0))
         inputs = previous.masked_fill((position == 0) | ~real, self.eos_id)
         return inputs, targets
 
 
-def _take(tokens: Tensor | np.ndarray, index: Tensor) -> Tensor:
-    """`tokens[index]` as int64, from a tensor or a (memory-mapped) NumPy array."""
+def take_tokens(tokens: Tensor | np.ndarray, index: Tensor) -> Tensor:
+    """`tokens[index]` as int64, from a tensor or a (memory-mapped) NumPy array of any int type."""
     if isinstance(tokens, Tensor):
         return tokens[index].long()
     return torch.from_numpy(np.asarray(tokens[index.numpy()], dtype=np.int64))

@@ -43,22 +43,24 @@ def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    tokenizer_spec = instantiate(cfg.tokenizer) if cfg.get("tokenizer") else None
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer_spec)
     datamodule.prepare_data()
-    vocab = datamodule.vocab
+    tokenizer = datamodule.tokenizer
 
-    model_config = instantiate(cfg.model, vocab_size=len(vocab))
+    model_config = instantiate(cfg.model, vocab_size=len(tokenizer))
     module = LanguageModel(
         model_config,
-        vocab.words,
+        tokenizer.words,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         compile=cfg.compile,
         carry_state=cfg.data.get("order") == "contiguous",
+        tokenizer=tokenizer.to_dict(),
     )
     if cfg.get("init_from") and not cfg.get("resume"):  # a resumed run has its own weights
         log.info(
-            initialise_from(module.model, vocab.words, str(cfg.init_from)).describe(cfg.init_from)
+            initialise_from(module.model, tokenizer, str(cfg.init_from)).describe(cfg.init_from)
         )
     frozen = freeze(module.model, list(cfg.finetune.freeze)) if cfg.get("finetune") else []
     if frozen:
@@ -79,7 +81,10 @@ def main(cfg: DictConfig) -> dict:
             *instantiate_each(cfg.get("callbacks")),
             *run_callbacks(),
             SameConfigOnAllRanks(cfg),
-            ModelFiles(output_dir / "checkpoints", checkpoint_metadata(model_config, vocab.words)),
+            ModelFiles(
+                output_dir / "checkpoints",
+                checkpoint_metadata(model_config, tokenizer.words, tokenizer.to_dict()),
+            ),
         ],
         logger=instantiate_each(cfg.get("logger")) or False,
         plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
