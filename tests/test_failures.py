@@ -26,6 +26,7 @@ from lmlab.finetune import freeze, initialise_from
 from lmlab.models import build_model
 from lmlab.models.gpt import GPTConfig
 from lmlab.resume import resume_argv
+from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import Vocabulary
 
 from conftest import ROOT, run_entry_point, tiny_overrides, write_stored_run
@@ -62,7 +63,7 @@ def places(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     torch.save({"state_dict": {}, "where": Path("x")}, pickled)  # a pathlib object: pickled
     words = Vocabulary.build((corpus / "ptb.train.txt").read_text().splitlines()).words
     tiny = GPTConfig(vocab_size=len(words), block_size=16, n_layer=2, n_head=2, n_embd=32)
-    exported = export(build_model(tiny), Vocabulary(words), tmp / "exported")
+    exported = export(build_model(tiny), Tokenizer(Vocabulary(words)), tmp / "exported")
     corrupt_run = tmp / "corrupt_run"
     write_stored_run(corrupt_run, "x", "checkpoints", global_step=3)
     (corrupt_run / ".hydra" / "config.yaml").write_text("paths: [output_dir: x\n")
@@ -108,7 +109,7 @@ def train_checks(overrides: list[str], places: dict[str, str], cache: Path) -> N
     datamodule.train_dataloader()  # what fit() builds first
     model = build_model(instantiate(cfg.model, vocab_size=len(datamodule.vocab)))
     if cfg.init_from:
-        initialise_from(model, datamodule.vocab.words, cfg.init_from)
+        initialise_from(model, datamodule.tokenizer, cfg.init_from)
     freeze(model, list(cfg.finetune.freeze))
     prepare_checkpoint_dirs(instantiate_each(cfg.callbacks))
 
