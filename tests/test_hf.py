@@ -31,12 +31,12 @@ def hf_load(folder: Path):
     return model.eval(), tokenizer
 
 
-def check_same_model(model, vocab: Vocabulary, folder: Path, lines: list[str]) -> None:
+def check_same_model(model, vocab: Tokenizer, folder: Path, lines: list[str]) -> None:
     """transformers' model and tokenizer of `folder` agree with lmlab's `model` and `vocab`."""
     hf_model, tokenizer = hf_load(folder)
     for line in lines:  # PTB-style text: the corpus's own ids, <unk> for unknown words
-        assert tokenizer(line, add_special_tokens=False).input_ids == vocab.encode(line.split())
-        assert tokenizer(line).input_ids == [vocab.eos_id, *vocab.encode(line.split())]
+        assert tokenizer(line, add_special_tokens=False).input_ids == vocab.encode(line)
+        assert tokenizer(line).input_ids == [vocab.eos_id, *vocab.encode(line)]
     text = tokenizer(" ".join(lines)).input_ids
     ids = torch.tensor([text[:6], text[6:12], text[12:18]])  # (3, 6)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_gpt_checkpoint_exported_runs_in_transformers_and_comes_back(
     pipe = transformers.pipeline("text-generation", model=str(folder), device="cpu")
     prompt = "the company said"
     text = pipe(prompt, add_special_tokens=True, max_new_tokens=6, do_sample=False)
-    ids = torch.tensor([[vocab.eos_id, *vocab.encode(prompt.split())]])
+    ids = torch.tensor([[vocab.eos_id, *vocab.encode(prompt)]])
     ours = generate(model, ids, 6, temperature=0.0, eos_id=vocab.eos_id, stop_at_eos=True)
     words = [vocab.words[i] for i in ours[0, ids.shape[1] :].tolist() if i > vocab.unk_id]
     assert text[0]["generated_text"] == " ".join([prompt, *words])  # <unk>, <eos>: special
@@ -115,8 +115,8 @@ def tiny_llama() -> torch.nn.Module:
 
 
 def test_llama_exported_runs_in_transformers_and_comes_back(tmp_path):
-    model, vocab = tiny_llama(), Vocabulary(WORDS)
-    folder = export(model, Tokenizer(vocab), tmp_path / "hf_llama", "hf")
+    model, vocab = tiny_llama(), Tokenizer(Vocabulary(WORDS))
+    folder = export(model, vocab, tmp_path / "hf_llama", "hf")
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is False
@@ -143,10 +143,11 @@ def test_gpt_without_biases_exports_zero_biases(tmp_path):
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.5)
-    folder = export(model.eval(), Tokenizer(Vocabulary(WORDS)), tmp_path / "hf_gpt", "hf")
+    vocab = Tokenizer(Vocabulary(WORDS))
+    folder = export(model.eval(), vocab, tmp_path / "hf_gpt", "hf")
     check_same_model(
         model,
-        Vocabulary(WORDS),
+        vocab,
         folder,
         [" the company said w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 "],
     )
