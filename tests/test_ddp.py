@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from nodes import start_nodes, wait_for
 from omegaconf import OmegaConf
 
 import lmlab.train
@@ -257,3 +258,61 @@ def test_an_lstm_in_the_contiguous_order_trains_the_same_on_two_processes(
     h0 = carried["state"]["h0"]  # (ranks, 1, streams per rank, hidden): each rank's own
     assert carried["ranks"] == 2 and h0.shape[0] == 2 and h0.shape[-2] == 8
     assert not torch.equal(h0[0], h0[1])
+
+
+def _two_node_overrides(corpus_dir: Path, cache_dir: Path, run: Path) -> list[str]:
+    return [
+        *tiny_overrides(corpus_dir, cache_dir, run),
+        "trainer.max_epochs=1",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        "data.batch_size=8",
+    ]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_write_one_folder_and_match_one_process(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path, one_process: dict
+) -> None:
+    run = tmp_path / "run"
+    nodes = start_nodes(tmp_path / "logs", *_two_node_overrides(corpus_dir, cache_dir, run))
+    codes = wait_for(nodes, timeout=240)
+    assert codes == [0, 0], nodes[codes.index(max(codes))].output()[-3000:]
+
+    assert [p.parent for p in run.rglob(".hydra")] == [run]
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    log = (run / "train.log").read_text()
+    assert "config identical on all 2 processes" in log
+    assert "[rank: 1]" not in log and "GLOBAL_RANK: 1" not in log  # rank 1 logs to its node only
+    assert "GLOBAL_RANK: 1" in nodes[1].output()
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert len({p.name.rsplit(".", 2)[1] for p in events}) == 1  # one writer pid: rank 0
+    assert sorted(p.name for p in run.glob("checkpoints/*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert not list(run.glob("train_ddp_process_*.log"))
+    # 2 nodes x 1 process x 8 blocks = 1 process x 16 blocks (= 1 node x 2 devices, above)
+    assert_same_metrics(_result(run), one_process)
+
+
+@pytest.mark.slow
+def test_num_nodes_that_do_not_match_torchrun_stop_with_one_line(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    overrides = _two_node_overrides(corpus_dir, cache_dir, run)
+    (node,) = start_nodes(tmp_path / "logs", *overrides, nodes=1)  # WORLD_SIZE=1, num_nodes=2
+    assert wait_for([node], timeout=120) == [1]  # torchrun's code for a failed worker
+    output = node.output()
+    worker, _, torchrun_report = output.partition("error: ")
+    assert "Traceback" not in worker  # the worker stopped with one line, exit code 2 ...
+    assert torchrun_report.splitlines()[0] == (
+        "trainer.num_nodes=2 x trainer.devices=1 = 2 processes, but torchrun started 1 "
+        "(WORLD_SIZE=1); make them match --nnodes x --nproc-per-node"
+    )
+    assert "exitcode  : 2" in torchrun_report  # ... which torchrun reports below it
+    assert not (run / "checkpoints").exists()

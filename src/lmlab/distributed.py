@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.checks import is_int
 from lmlab.errors import UserError
 from lmlab.run_folder import SWEEP_DIR_ENV
 
@@ -147,6 +148,35 @@ def run_in_fresh_processes(output_dir: Path) -> int:
     log.info("job needs several processes: running it as a single run in %s", output_dir)
     env = {**os.environ, SWEEP_DIR_ENV: str(Path(HydraConfig.get().sweep.dir).resolve())}
     return subprocess.run(command, cwd=get_original_cwd(), env=env).returncode
+
+
+def check_launched_world_size(trainer_cfg: DictConfig) -> None:
+    """Stop with one line when torchrun or srun started another number of processes than
+    `trainer.num_nodes` x `trainer.devices`.
+
+    Runs before the process group forms: Lightning would raise a traceback there,
+    and a process that stops while the others wait for it leaves them hanging.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        launched = TorchElasticEnvironment().world_size()
+        source = f"torchrun started {launched} (WORLD_SIZE={launched})"
+        fix = "--nnodes x --nproc-per-node"
+    elif SLURMEnvironment.detect():
+        launched = SLURMEnvironment().world_size()
+        source = f"SLURM started {launched} (SLURM_NTASKS={launched})"
+        fix = "--nodes x --ntasks-per-node"
+    else:
+        return
+    devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes", 1)
+    if not (is_int(devices) and is_int(nodes)):
+        return  # devices=auto: Lightning counts them, and checks
+    if devices * nodes != launched:
+        raise UserError(
+            f"trainer.num_nodes={nodes} x trainer.devices={devices} = {devices * nodes} "
+            f"processes, but {source}; make them match {fix}"
+        )
 
 
 class SameConfigOnAllRanks(L.Callback):

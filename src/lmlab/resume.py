@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import UserError
+from lmlab.run_folder import joins_another_process
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
 RESUME_STATE_KEY = "lmlab_resume"  # checkpoint["lmlab_resume"]: the state ResumeState restores
@@ -68,7 +69,8 @@ def resume_argv(argv: list[str]) -> list[str]:
 
     step = _global_step(checkpoint)
     job_name = _job_name(hydra_dir)
-    _keep_previous_config(hydra_dir)
+    if not joins_another_process():  # rank 0 keeps it; the other ranks write nothing
+        _keep_previous_config(hydra_dir)
     shown = " ".join(overrides) if overrides else "none"
     print(
         f"resuming {run_dir} from {checkpoint.name} (step {step}); overrides: {shown}",

@@ -22,7 +22,11 @@ whose job folders 0, 1, ... would overwrite the earlier sweep's.
 
 Processes that join a run someone else started (DDP ranks started by Lightning,
 torchrun or SLURM, and a sweep job's own fresh `train.py`) write into the
-folder their rank 0 holds, so they skip all of this.
+folder their rank 0 holds, so they skip all of this. Ranks after the first that
+torchrun or srun started (on this node or another) write nothing there at all:
+`further_rank_argv` turns off their `.hydra/` and their log file, which Hydra
+would otherwise write in every process (Lightning gives the processes it starts
+such overrides itself).
 """
 
 from __future__ import annotations
@@ -47,19 +51,44 @@ LOCK_FILE = "lmlab.lock"
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.jsonl", "result.json", "summary.json")
 # Set for every process of a run but its first: they use the folder rank 0 holds.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+# Set by launchers that start every process themselves (torchrun, srun), not by Lightning.
+LAUNCHER_RANK_VARIABLES = ("RANK", "SLURM_PROCID")
+# What a further rank started by such a launcher adds to its command line: no .hydra/ and
+# log lines on its own console only, so rank 0 alone writes into the shared run folder.
+FURTHER_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
 SWEEP_DIR_ENV = "LMLAB_SWEEP_DIR"  # set for a sweep job run in fresh processes (lmlab.distributed)
 RESUMABLE_SWEEPERS = ("hydra_plugins.lmlab_sweepers.optuna_search.OptunaSearch",)
 
 
 def joins_another_process() -> bool:
     """Whether this process is a further rank of a run (or sweep job) another process holds."""
-    if os.environ.get(SWEEP_DIR_ENV):
-        return True
-    for name in RANK_VARIABLES:
+    return bool(os.environ.get(SWEEP_DIR_ENV)) or _any_rank_above_zero(RANK_VARIABLES)
+
+
+def _any_rank_above_zero(names: tuple[str, ...]) -> bool:
+    for name in names:
         value = os.environ.get(name, "0")
         if value.isdigit() and int(value) != 0:
             return True
     return False
+
+
+def launched_as_further_rank() -> bool:
+    """Whether torchrun or srun started this process as a rank other than 0."""
+    return _any_rank_above_zero(LAUNCHER_RANK_VARIABLES)
+
+
+def further_rank_argv(argv: list[str]) -> list[str]:
+    """`argv` with FURTHER_RANK_OVERRIDES for a further rank started by torchrun or srun.
+
+    The same settings given on the command line are replaced, not repeated
+    (Hydra refuses a key set twice).
+    """
+    if not launched_as_further_rank():
+        return argv
+    keys = {o.partition("=")[0] for o in FURTHER_RANK_OVERRIDES}
+    kept = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in keys]
+    return [argv[0], *kept, *FURTHER_RANK_OVERRIDES]
 
 
 class RunFolderGuard(Callback):

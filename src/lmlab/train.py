@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from lmlab.callbacks import ModelFiles, find_callback
 from lmlab.checkpoint import checkpoint_metadata
 from lmlab.config import check_train_config, instantiate_each
-from lmlab.distributed import SameConfigOnAllRanks
+from lmlab.distributed import SameConfigOnAllRanks, check_launched_world_size
 from lmlab.failsafe import (
     AtomicCheckpointIO,
     prepare_checkpoint_dirs,
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 @stop_on_signals
 def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
+    check_launched_world_size(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
