@@ -9,6 +9,8 @@ writes `.hydra/` into it, so a refusal leaves every file as it was:
   name is claimed with an atomic `mkdir`, so two runs never share one.
 - A new run (not `resume=`) into a folder that already holds a run stops with
   one line and exit 2; continue that run with `resume=`, or pick another folder.
+  A requeued SLURM job (trainer=slurm) that finds its `hpc_ckpt_N.ckpt` there
+  continues the run instead.
 - A folder that cannot be created or written stops with one line naming it.
 - A lock file, `lmlab.lock`, records the owner (pid, host, start time, command).
   A second process finding a live owner stops with one line; a lock whose owner
@@ -73,6 +75,16 @@ def _any_rank_above_zero(names: tuple[str, ...]) -> bool:
     return False
 
 
+def requeued_slurm_job(folder: Path) -> bool:
+    """Whether this is a SLURM job that was requeued (trainer=slurm) to continue the run in `folder`.
+
+    SLURM counts requeues in SLURM_RESTART_COUNT; the run stopped with an
+    `hpc_ckpt_N.ckpt` there, which Lightning continues from.
+    """
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return restarts.isdigit() and int(restarts) > 0 and any(folder.glob("hpc_ckpt_*.ckpt"))
+
+
 def launched_as_further_rank() -> bool:
     """Whether torchrun or srun started this process as a rank other than 0."""
     return _any_rank_above_zero(LAUNCHER_RANK_VARIABLES)
@@ -105,7 +117,7 @@ class RunFolderGuard(Callback):
         folder = self._claim(config, "hydra.run.dir", resuming=resuming)
         if not resuming:
             holds = [name for name in RUN_MARKERS if (folder / name).exists()]
-            if holds:
+            if holds and not requeued_slurm_job(folder):
                 raise UserError(
                     f"run folder {folder} already holds a run ({', '.join(holds)}); continue "
                     f"it with resume={folder}, or give the new run another hydra.run.dir"
