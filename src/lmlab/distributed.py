@@ -306,3 +306,19 @@ def fsdp_strategy(activation_checkpointing: bool = False, **kwargs: Any) -> Any:
     if activation_checkpointing:
         kwargs.setdefault("activation_checkpointing_policy", set(BLOCKS))
     return FSDPStrategy(**kwargs)
+
+
+def shard_each_block(model: torch.nn.Module, mesh: Any) -> None:
+    """FSDP2: `fully_shard` each Transformer block of any family, then the rest of the model.
+
+    A block's weights are gathered right before it runs and freed after; the
+    embeddings and the output layer (tied in GPT) form the outer unit.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from lmlab.models import BLOCKS
+
+    for module in model.modules():
+        if isinstance(module, BLOCKS):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)

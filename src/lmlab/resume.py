@@ -39,7 +39,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     unchanged.
     """
     program, args = argv[0], argv[1:]
-    ours = [a for a in args if a.lstrip("+").partition("=")[0] == RESUME_KEY]
+    # `++resume=` is what this rewrite leaves: the further processes Lightning starts
+    # (trainer.devices=2) re-run the rewritten command line, which must stay as it is
+    ours = [a for a in args if a.partition("=")[0] in (RESUME_KEY, f"+{RESUME_KEY}")]
     if not ours:
         return argv
     if len(ours) > 1:
