@@ -13,8 +13,12 @@ stored config's nodes: pass `fault_overrides(None)` to switch a fault off.
 Fault kinds, steps counted from 1 (optimizer steps):
     sigkill      SIGKILL the process right before step STEP + 1 starts (after
                  step STEP, its validation and its checkpoints)
+    sigstop      SIGSTOP the process at the same point: it stays, frozen, answering
+                 nothing (a node that hangs or lost its network)
     sigterm      send SIGTERM to the process during step STEP
     sigint       send SIGINT to the process during step STEP
+    sigusr1      send SIGUSR1 to the process during step STEP (SLURM's warning
+                 before the time limit)
     kill_in_save SIGKILL the process while it writes the first checkpoint at or
                  after step STEP (its temporary file exists, unfinished)
     nan          make the weights NaN before step STEP, so its loss is NaN
@@ -33,23 +37,39 @@ from typing import Any
 import lightning as L
 import torch
 
-KINDS = ("sigkill", "sigterm", "sigint", "kill_in_save", "nan")
+KINDS = ("sigkill", "sigstop", "sigterm", "sigint", "sigusr1", "kill_in_save", "nan")
 
 
-def fault_overrides(kind: str | None, step: int = 0) -> list[str]:
-    """The train.py overrides that add (or, with None, switch off) a fault."""
+def fault_overrides(kind: str | None, step: int = 0, rank: int | None = None) -> list[str]:
+    """The train.py overrides that add (or, with None, switch off) a fault.
+
+    With `rank`, only that process of a several-process run fails (every rank
+    has the same config, so the others run the same callback and do nothing).
+    """
     if kind is None:
         return ["++callbacks.fault=null"]
     return [
         "++callbacks.fault._target_=faults.Fault",
         f"++callbacks.fault.kind='{kind}'",  # quoted: Hydra reads a bare nan as a float
         f"++callbacks.fault.step={step}",
+        *([f"++callbacks.fault.rank={rank}"] if rank is not None else []),
     ]
 
 
 def record_overrides(path: Path) -> list[str]:
     """The train.py overrides that record every training loss and val/ppl into `path`."""
     return ["++callbacks.record._target_=faults.Recorder", f"++callbacks.record.path='{path}'"]
+
+
+def read_records(path: Path) -> dict[tuple[str, int], float]:
+    """`Recorder` lines; a step replayed after a kill must repeat its value exactly."""
+    values: dict[tuple[str, int], float] = {}
+    for line in path.read_text().splitlines():
+        kind, step, value = line.split()
+        key = (kind, int(step))
+        assert values.get(key, float(value)) == float(value), f"replayed {key} differs"
+        values[key] = float(value)
+    return values
 
 
 class Recorder(L.Callback):
@@ -69,24 +89,30 @@ class Recorder(L.Callback):
             self._write(f"val {trainer.global_step} {float(trainer.callback_metrics['val/ppl'])!r}")
 
 
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigusr1": signal.SIGUSR1}
+
+
 class _KillWhenPickled:
     def __reduce__(self):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Fault(L.Callback):
-    def __init__(self, kind: str, step: int) -> None:
+    def __init__(self, kind: str, step: int, rank: int | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"a fault is one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.step = step
+        self.rank = rank
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, *args) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         done = trainer.global_step  # steps finished before this one
-        if self.kind == "sigkill" and done == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if done + 1 == self.step and self.kind in ("sigterm", "sigint"):
-            os.kill(os.getpid(), signal.SIGTERM if self.kind == "sigterm" else signal.SIGINT)
+        if self.kind in ("sigkill", "sigstop") and done == self.step:
+            os.kill(os.getpid(), signal.SIGKILL if self.kind == "sigkill" else signal.SIGSTOP)
+        if done + 1 == self.step and self.kind in SIGNALS:
+            os.kill(os.getpid(), SIGNALS[self.kind])
         if done + 1 == self.step and self.kind == "nan":
             with torch.no_grad():
                 for param in pl_module.parameters():

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from faults import fault_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from nodes import frozen, torchrun_nodes, wait_for
 from omegaconf import OmegaConf
 
 import lmlab.train
@@ -257,3 +261,165 @@ def test_an_lstm_in_the_contiguous_order_trains_the_same_on_two_processes(
     h0 = carried["state"]["h0"]  # (ranks, 1, streams per rank, hidden): each rank's own
     assert carried["ranks"] == 2 and h0.shape[0] == 2 and h0.shape[-2] == 8
     assert not torch.equal(h0[0], h0[1])
+
+
+def _two_node_overrides(corpus_dir: Path, cache_dir: Path, run: Path) -> list[str]:
+    return [
+        *tiny_overrides(corpus_dir, cache_dir, run),
+        "trainer.max_epochs=1",  # 13 steps
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        "data.batch_size=8",
+        "callbacks.periodic_checkpoint.every_n_train_steps=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(corpus_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted run on two torchrun nodes of one process each: (run folder, nodes)."""
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    run = tmp / "run"
+    with torchrun_nodes(tmp / "logs", *_two_node_overrides(corpus_dir, cache_dir, run)) as nodes:
+        codes = wait_for(nodes, timeout=240)
+    assert codes == [0, 0], nodes[codes.index(max(codes))].output()[-3000:]
+    return run, nodes
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_write_one_folder_and_match_one_process(
+    two_nodes: tuple[Path, list], one_process: dict
+) -> None:
+    run, nodes = two_nodes
+    assert [p.parent for p in run.rglob(".hydra")] == [run]
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
+    log = (run / "train.log").read_text()
+    assert "config identical on all 2 processes" in log
+    assert "[rank: 1]" not in log and "GLOBAL_RANK: 1" not in log  # rank 1 logs to its node only
+    assert "GLOBAL_RANK: 1" in nodes[1].output()
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert len({p.name.rsplit(".", 2)[1] for p in events}) == 1  # one writer pid: rank 0
+    assert sorted(p.name for p in run.glob("checkpoints/*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert not list(run.glob("train_ddp_process_*.log"))
+    # 2 nodes x 1 process x 8 blocks = 1 process x 16 blocks (= 1 node x 2 devices, above)
+    assert_same_metrics(_result(run), one_process)
+
+
+def _worker_output(node_output: str) -> tuple[str, list[str]]:
+    """What a node's worker printed before torchrun's failure report, and its error lines."""
+    worker = node_output.split("torch/distributed/elastic/multiprocessing/api.py")[0]
+    return worker, [line for line in worker.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_a_killed_node_stops_the_other_with_one_line_and_the_run_resumes_exactly(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path, two_nodes: tuple[Path, list]
+) -> None:
+    run = tmp_path / "run"
+    overrides = _two_node_overrides(corpus_dir, cache_dir, run)
+    # node 1's process is killed after step 6 (mid-epoch); last.ckpt was written at step 4
+    with torchrun_nodes(
+        tmp_path / "killed", *overrides, *fault_overrides("sigkill", 6, rank=1)
+    ) as nodes:
+        assert nodes[1].process.wait(timeout=240) != 0
+        assert nodes[0].process.wait(timeout=60) != 0  # within 60 s of node 1's end
+    worker, errors = _worker_output(nodes[0].output())
+    assert "Traceback" not in worker
+    assert len(errors) == 1, worker[-3000:]
+    # gloo says closed or reset, depending on what the survivor was doing at that moment
+    assert re.match(r"error: lost rank 1 of 2 \(Connection (closed|reset) by peer", errors[0])
+    assert f"the last checkpoint is {run / 'checkpoints' / 'last.ckpt'}" in errors[0]
+    assert errors[0].endswith(f"resume={run}")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    with torchrun_nodes(tmp_path / "resumed", f"resume={run}", *fault_overrides(None)) as nodes:
+        codes = wait_for(nodes, timeout=240)
+    assert codes == [0, 0], nodes[codes.index(max(codes))].output()[-3000:]
+    assert [p.name for p in (run / ".hydra").glob("resume-*")] == ["resume-1"]  # rank 0's only
+    reference, _ = two_nodes
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    uninterrupted = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 13
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+    for key in ("best_val_ppl", "test_ppl"):
+        assert _result(run)[key] == _result(reference)[key], key
+
+
+@pytest.mark.slow
+def test_a_frozen_node_stops_the_other_after_the_collective_timeout(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    overrides = [
+        *_two_node_overrides(corpus_dir, cache_dir, tmp_path / "run"),
+        "trainer.strategy.timeout.seconds=10",
+        *fault_overrides("sigstop", 6, rank=1),  # node 1 stays, answering nothing
+    ]
+    with torchrun_nodes(tmp_path / "logs", *overrides) as nodes:
+        deadline = time.monotonic() + 240
+        while not frozen(nodes[1]):
+            assert time.monotonic() < deadline and nodes[1].process.poll() is None
+            time.sleep(0.2)
+        assert nodes[0].process.wait(timeout=60) != 0
+    worker, errors = _worker_output(nodes[0].output())
+    assert "Traceback" not in worker
+    assert len(errors) == 1, worker[-3000:]
+    assert errors[0].startswith("error: lost rank 1 of 2 (Timed out waiting 10000ms")
+
+
+@pytest.mark.slow
+def test_num_nodes_that_do_not_match_torchrun_stop_with_one_line(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    overrides = _two_node_overrides(corpus_dir, cache_dir, run)
+    with torchrun_nodes(tmp_path / "logs", *overrides, nodes=1) as (node,):  # WORLD_SIZE=1
+        assert wait_for([node], timeout=120) == [1]  # torchrun's code for a failed worker
+    output = node.output()
+    worker, _, torchrun_report = output.partition("error: ")
+    assert "Traceback" not in worker  # the worker stopped with one line, exit code 2 ...
+    assert torchrun_report.splitlines()[0] == (
+        "trainer.num_nodes=2 x trainer.devices=1 = 2 processes, but torchrun started 1 "
+        "(WORLD_SIZE=1); make them match --nnodes x --nproc-per-node"
+    )
+    assert "exitcode  : 2" in torchrun_report  # ... which torchrun reports below it
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_matches_ddp_and_resumes_exactly(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path, one_process: dict
+) -> None:
+    fsdp2 = [
+        *(o for o in _common(corpus_dir, cache_dir, tmp_path) if o != "trainer=cpu"),
+        "trainer=fsdp2",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=8",
+    ]
+    straight, run = tmp_path / "straight", tmp_path / "stopped"
+    done = run_entry_point("train.py", *fsdp2, f"hydra.run.dir={straight}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_metrics(_result(straight), one_process)  # 2 shards x 8 = DDP 2 x 8 = 1 x 16
+
+    stopped = run_entry_point(
+        "train.py", *fsdp2, f"hydra.run.dir={run}", *fault_overrides("sigterm", 5)
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # one plain file
+    resumed = run_entry_point("train.py", f"resume={run}", *fault_overrides(None))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 13
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][name], tensor), name
+    for key in ("best_val_ppl", "test_ppl"):
+        assert _result(run)[key] == _result(straight)[key], key

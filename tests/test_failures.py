@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
-from faults import fault_overrides, record_overrides
+from faults import fault_overrides, read_records, record_overrides
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
@@ -228,3 +230,76 @@ def test_stale_temporary_checkpoints_are_removed_before_training(tmp_path: Path)
 
     prepare_checkpoint_dirs([Callback()])
     assert sorted(p.name for p in folder.iterdir()) == ["notes.tmp"]
+
+
+def _fake_slurm_commands(folder: Path) -> Path:
+    """`scontrol` and `sbatch` that only append their arguments to folder/calls.txt."""
+    folder.mkdir()
+    for name in ("scontrol", "sbatch"):
+        command = folder / name
+        command.write_text(f'#!/bin/sh\necho "{name} $*" >> "{folder / "calls.txt"}"\n')
+        command.chmod(0o755)
+    return folder / "calls.txt"
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_continues_exactly(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    from forkserver import ForkServer
+
+    calls = _fake_slurm_commands(tmp_path / "bin")
+    slurm = {  # what a job of one task sees (sbatch --ntasks=1)
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+    }
+    base = [
+        *(o for o in tiny_overrides(corpus_dir, cache_dir, tmp_path) if o != "trainer=cpu"),
+        "trainer=slurm",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "model.dropout=0.1",  # dropout masks must continue exactly too
+        "test=false",
+    ]
+    base = [o for o in base if not o.startswith("hydra.run.dir=")]
+    server = ForkServer("train.py", tmp_path)
+    straight = tmp_path / "straight"
+    done = server.run(
+        *base, *record_overrides(tmp_path / "straight.txt"), f"hydra.run.dir={straight}", env=slurm
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # the job's command, as the batch script runs it on every (re)start
+    run, record = tmp_path / "slurm-4242", tmp_path / "requeued.txt"
+    job = [*base, *record_overrides(record), f"hydra.run.dir={run}", *fault_overrides("sigusr1", 6)]
+    warned = server.run(*job, env=slurm)  # SIGUSR1 during step 6: SLURM's warning
+    assert warned.returncode == 128 + signal.SIGUSR1, warned.stderr[-3000:]
+    assert (
+        "stopped after step 6; checkpoint "
+        f"{run / 'hpc_ckpt_1.ckpt'}; requeued SLURM job 4242" in warned.stderr
+    )
+    assert calls.read_text() == "scontrol requeue 4242\n"
+    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 6
+
+    requeued = server.run(*job, env={**slurm, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert (
+        f"Restored all states from the checkpoint at {run / 'hpc_ckpt_1.ckpt'}"
+        in requeued.stdout + requeued.stderr
+    )
+    server.close()
+
+    assert calls.read_text() == "scontrol requeue 4242\n"  # once: the job then finished
+    expected, got = read_records(tmp_path / "straight.txt"), read_records(record)
+    assert got == expected  # every training loss and val/ppl, bit for bit
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] > 6
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key

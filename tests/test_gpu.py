@@ -8,6 +8,9 @@ step late from pinned memory, and decoding runs on the device.
 
 from __future__ import annotations
 
+import json
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -122,3 +125,25 @@ def test_the_cache_and_dynamic_evaluation_on_the_gpu_equal_the_cpu() -> None:
         )
     for cpu, gpu in zip(*results, strict=True):
         assert gpu == pytest.approx(cpu, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_on_one_gpu_trains_checkpoints_and_matches_a_plain_gpu_run(
+    corpus_dir, cache_dir, tmp_path
+) -> None:
+    # CPU cannot run it: Lightning refuses FSDPStrategy without a GPU (see docs/scaling.md)
+    from conftest import run_entry_point, tiny_overrides
+
+    def train(name: str, *trainer: str) -> dict:
+        run = tmp_path / name
+        overrides = [o for o in tiny_overrides(corpus_dir, cache_dir, run) if o != "trainer=cpu"]
+        result = run_entry_point("train.py", *overrides, *trainer, "trainer.max_epochs=1")
+        assert result.returncode == 0, result.stderr[-3000:]
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # one plain file
+        return json.loads((run / "result.json").read_text())
+
+    sharded = train("fsdp", "trainer=fsdp", "trainer.devices=1", "trainer.precision=32-true")
+    plain = train("gpu", "trainer=gpu", "trainer.precision=32-true")
+    assert sharded["steps"] == plain["steps"]
+    for key in ("best_val_ppl", "test_ppl"):
+        assert math.isclose(sharded[key], plain[key], rel_tol=1e-4), key

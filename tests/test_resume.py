@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import fault_overrides, record_overrides
+from faults import fault_overrides, read_records, record_overrides
 from forkserver import ForkServer
 
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
@@ -93,17 +93,6 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
 # -- end to end ---------------------------------------------------------------
 
 
-def _records(path: Path) -> dict[tuple[str, int], float]:
-    """`faults.Recorder` lines; a step replayed after a kill must repeat its value exactly."""
-    values: dict[tuple[str, int], float] = {}
-    for line in path.read_text().splitlines():
-        kind, step, value = line.split()
-        key = (kind, int(step))
-        assert values.get(key, float(value)) == float(value), f"replayed {key} differs"
-        values[key] = float(value)
-    return values
-
-
 def _load(path: Path) -> dict:
     assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -176,7 +165,7 @@ def test_interrupted_run_equals_uninterrupted_run(
     assert result.returncode == 0, result.stderr
     server.close()
 
-    expected, got = _records(tmp_path / "straight.txt"), _records(record)
+    expected, got = read_records(tmp_path / "straight.txt"), read_records(record)
     assert got == expected  # every training loss and val/ppl, bit for bit
     train_steps = [step for kind, step in expected if kind == "train"]
     assert train_steps == list(range(1, 2 * steps_per_epoch + 1))
@@ -271,7 +260,7 @@ def test_every_family_resumes_bit_identically_and_decodes_from_its_checkpoint(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     server.close()
 
-    expected, got = _records(tmp_path / "a.txt"), _records(tmp_path / "b.txt")
+    expected, got = read_records(tmp_path / "a.txt"), read_records(tmp_path / "b.txt")
     assert got == expected and len(expected) > 20  # every loss and val/ppl, bit for bit
     a = _load(straight / "checkpoints" / "last.ckpt")
     b = _load(stopped / "checkpoints" / "last.ckpt")

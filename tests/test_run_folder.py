@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.errors import UserError
-from lmlab.run_folder import LOCK_FILE, RunLock, claim_new_folder
+from lmlab.run_folder import LOCK_FILE, RunLock, claim_new_folder, further_rank_argv
 
 from conftest import ROOT, python_path, run_entry_point, tiny_overrides
 
@@ -32,6 +32,22 @@ def test_claiming_a_taken_name_gives_the_next_free_one(tmp_path: Path) -> None:
         "2026-12-02_10-00-00_3",
     ]
     assert all(p.is_dir() for p in (first, second, third))
+
+
+@pytest.mark.parametrize("variable", ["RANK", "SLURM_PROCID"])
+def test_further_ranks_of_torchrun_or_srun_write_no_hydra_folder_or_log(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["train.py", "trainer=ddp", "hydra/job_logging=default", "hydra.output_subdir=.h"]
+    monkeypatch.setenv(variable, "0")
+    assert further_rank_argv(argv) == argv  # rank 0 writes the folder
+    monkeypatch.setenv(variable, "1")
+    assert further_rank_argv(argv) == [
+        "train.py",
+        "trainer=ddp",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+    ]
 
 
 def test_a_live_owner_keeps_the_folder(tmp_path: Path) -> None:

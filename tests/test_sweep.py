@@ -92,12 +92,9 @@ def test_optuna_search_config_composes() -> None:
     assert cfg.hydra.callbacks.sweep_summary.allow_failed_jobs is True
 
 
-@pytest.mark.slow
-def test_grid_sweep_records_a_failed_job_and_summarises(
-    corpus_dir: Path, cache_dir: Path, tmp_path: Path
-) -> None:
-    sweep = tmp_path / "sweep"
-    result = run_entry_point(
+def _grid_sweep(corpus_dir: Path, cache_dir: Path, tmp_path: Path, *options: str):
+    """A 4-job sweep of which job 3 fails; the finished train.py -m process."""
+    return run_entry_point(
         "train.py",
         "-m",
         *tiny_overrides(corpus_dir, cache_dir, tmp_path / "unused"),
@@ -107,8 +104,13 @@ def test_grid_sweep_records_a_failed_job_and_summarises(
         "data.seq_len=16,400",
         "data.batch_size=8,16",
         f"paths.log_dir={tmp_path / 'logs'}",
-        f"hydra.sweep.dir={sweep}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *options,
+        timeout=400,
     )
+
+
+def _assert_grid_sweep_summary(sweep: Path, result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 1, result.stderr[-3000:]  # after all four jobs ran
     assert "error: 1 of 4 jobs failed" in result.stderr
 
@@ -130,6 +132,42 @@ def test_grid_sweep_records_a_failed_job_and_summarises(
     assert "4 jobs: 3 completed, 1 failed" in markdown
     assert "| 3 | data.seq_len=400 data.batch_size=16 | failed |" in markdown
     assert (sweep / "summary.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_grid_sweep_records_a_failed_job_and_summarises(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    _assert_grid_sweep_summary(tmp_path / "sweep", _grid_sweep(corpus_dir, cache_dir, tmp_path))
+
+
+def _log_start(job: Path) -> float:
+    """When a job's train.log got its first line (its timestamp), in seconds since the epoch."""
+    stamp = (job / "train.log").read_text().split("]", 1)[0].lstrip("[")
+    return time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S"))
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_runs_two_jobs_at_once_with_the_same_summary(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    options = ("hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2")
+    _assert_grid_sweep_summary(sweep, _grid_sweep(corpus_dir, cache_dir, tmp_path, *options))
+
+    jobs = [sweep / str(n) for n in range(4)]
+    threads = max(len(os.sched_getaffinity(0)) // 2, 1)
+    for job in jobs:  # each job took its share of the cores
+        assert (
+            f"2 jobs at once on {len(os.sched_getaffinity(0))} cores, {threads} threads per job"
+            in (job / "train.log").read_text()
+        )
+    # in two worker processes (an event file's name ends with its writer's pid) ...
+    pids = {p.name.rsplit(".", 2)[1] for p in sweep.glob("*/tensorboard/events.out.tfevents.*")}
+    assert len(pids) == 2
+    # ... side by side: some job started before another one had finished
+    spans = [(_log_start(job), (job / "result.json").stat().st_mtime) for job in jobs]
+    assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b)
 
 
 def _completed_trials(db: Path) -> int:

@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lmlab.errors import report_user_errors
+from lmlab.run_folder import further_rank_argv
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -87,6 +88,7 @@ def entry_point(
             arg.lstrip("+").startswith(f"{argv_rewrite_key}=") for arg in sys.argv[1:]
         ):
             sys.argv = report_user_errors(_load(argv_rewrite))(sys.argv)
+        sys.argv = further_rank_argv(sys.argv)  # rank 0 alone writes the run folder
         app = hydra.main(
             version_base="1.3", config_path=str(config_dir()), config_name=config_name
         )(report_user_errors(task))

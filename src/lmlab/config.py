@@ -137,6 +137,7 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
         f"{POSITIVE}, -1 or 'auto'",
         lambda v: v in ("auto", -1) or (is_int(v) and v >= 1),
     ),
+    ("trainer.num_nodes", POSITIVE, _int(1)),
     ("trainer.precision", f"one of {', '.join(PRECISIONS[:7])}", _one_of(*PRECISIONS)),
     ("trainer.max_epochs", f"{POSITIVE} (or -1 for no limit)", _or_null(_run_limit)),
     ("trainer.max_steps", f"{POSITIVE} (or -1 for no limit)", _run_limit),

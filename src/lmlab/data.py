@@ -45,6 +45,13 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
+# The last evaluation batch of a rank that has one batch fewer than the others: one block
+# whose targets are all padding, so it scores nothing. Every rank then takes the same number
+# of evaluation steps, which a sharded model needs: under FSDP every forward pass gathers
+# the weights, a collective that all ranks must join.
+SCORES_NOTHING = -1
+
+
 class TokenBlocks(Dataset):
     """Fixed-length blocks of a token stream with next-token targets, read from it on demand.
 
@@ -71,7 +78,13 @@ class TokenBlocks(Dataset):
         return self.num_blocks
 
     def __getitem__(self, index: int | list[int]) -> tuple[Tensor, Tensor]:
-        """One block, or a whole batch (`(batch, seq_len)` each) for a list of indices."""
+        """One block, or a whole batch (`(batch, seq_len)` each) for a list of indices.
+
+        `[SCORES_NOTHING]`: a batch of one block whose targets are all padding.
+        """
+        if index == [SCORES_NOTHING]:
+            inputs, targets = self[[0]]
+            return inputs, torch.full_like(targets, IGNORE_INDEX)
         # Target positions in the split; position p's input is token p - 1 (`<eos>` at 0).
         position = torch.as_tensor(index)[..., None] * self.seq_len + self.offsets
         real = position < self.total
@@ -104,7 +117,9 @@ class BlockBatches(Sampler[list[int]]):
     nothing is repeated or dropped, so a reduced metric covers the split once.
     Evaluation batches shrink when needed so that every rank gets at least one:
     Lightning skips the epoch-end hooks (and so the metric reduction, a
-    collective) on a rank without batches, which would hang the others.
+    collective) on a rank without batches, which would hang the others. A rank
+    with one batch fewer than the others ends with `[SCORES_NOTHING]`, so every
+    rank takes the same number of evaluation steps (FSDP needs it).
     """
 
     def __init__(
@@ -137,7 +152,18 @@ class BlockBatches(Sampler[list[int]]):
             mine = order[self.rank :: self.world_size][: per_rank * self.batch_size]
             return mine.view(per_rank, self.batch_size).tolist()
         order = torch.arange(self.num_blocks)
-        return [b.tolist() for b in order.split(self._eval_size)][self.rank :: self.world_size]
+        batches = [b.tolist() for b in order.split(self._eval_size)]
+        mine = batches[self.rank :: self.world_size]
+        return mine + [[SCORES_NOTHING]] * (self._eval_steps - len(mine))
+
+    @property
+    def _eval_steps(self) -> int:
+        """Evaluation batches per rank, the same on every rank."""
+        return -(-self._eval_batches // self.world_size)
+
+    @property
+    def _eval_batches(self) -> int:
+        return -(-self.num_blocks // self._eval_size)
 
     @property
     def _eval_size(self) -> int:
@@ -150,8 +176,7 @@ class BlockBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         if self.shuffle:
             return self.num_blocks // self.world_size // self.batch_size
-        num_batches = -(-self.num_blocks // self._eval_size)
-        return len(range(self.rank, num_batches, self.world_size))
+        return self._eval_steps
 
 
 class BatchLoader(DataLoader):

@@ -14,26 +14,36 @@ by SLURM (hydra/launcher=slurm) or torchrun are used as they are.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd, instantiate, to_absolute_path
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import UserError
+from lmlab.checks import is_int
+from lmlab.errors import RunInterrupted, UserError
+from lmlab.resume import locate
 from lmlab.run_folder import SWEEP_DIR_ENV
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# hydra/launcher=local_parallel: jobs side by side in joblib's worker processes.
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 # Hydra settings a job run in fresh processes keeps from the sweep's command line.
 FORWARDED_HYDRA_OVERRIDES = (
     "hydra.job.chdir",
@@ -96,6 +106,27 @@ def sweep_job_needs_fresh_processes(trainer_cfg: DictConfig) -> bool:
     return launch == "lightning"
 
 
+def share_cores_with_parallel_jobs() -> int | None:
+    """In a job of a parallel sweep (hydra/launcher=local_parallel): take this job's share.
+
+    n_jobs jobs run at once, so each gets cores / n_jobs threads instead of
+    every core (which would make them fight over the cores). Returns the
+    thread count set, or None outside such a sweep.
+    """
+    launcher = HydraConfig.get().launcher
+    if launcher.get("_target_") != JOBLIB_LAUNCHER:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    at_once = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)  # joblib: -1 is every core
+    threads = max(cores // at_once, 1)
+    torch.set_num_threads(threads)
+    log.info(
+        "parallel sweep: %d jobs at once on %d cores, %d threads per job", at_once, cores, threads
+    )
+    return threads
+
+
 def _script_command() -> list[str]:
     import __main__
 
@@ -149,6 +180,35 @@ def run_in_fresh_processes(output_dir: Path) -> int:
     return subprocess.run(command, cwd=get_original_cwd(), env=env).returncode
 
 
+def check_launched_world_size(trainer_cfg: DictConfig) -> None:
+    """Stop with one line when torchrun or srun started another number of processes than
+    `trainer.num_nodes` x `trainer.devices`.
+
+    Runs before the process group forms: Lightning would raise a traceback there,
+    and a process that stops while the others wait for it leaves them hanging.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        launched = TorchElasticEnvironment().world_size()
+        source = f"torchrun started {launched} (WORLD_SIZE={launched})"
+        fix = "--nnodes x --nproc-per-node"
+    elif SLURMEnvironment.detect():
+        launched = SLURMEnvironment().world_size()
+        source = f"SLURM started {launched} (SLURM_NTASKS={launched})"
+        fix = "--nodes x --ntasks-per-node"
+    else:
+        return
+    devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes", 1)
+    if not (is_int(devices) and is_int(nodes)):
+        return  # devices=auto: Lightning counts them, and checks
+    if devices * nodes != launched:
+        raise UserError(
+            f"trainer.num_nodes={nodes} x trainer.devices={devices} = {devices * nodes} "
+            f"processes, but {source}; make them match {fix}"
+        )
+
+
 class SameConfigOnAllRanks(L.Callback):
     """Stops a run whose processes composed different configs (or different run folders).
 
@@ -178,6 +238,64 @@ class SameConfigOnAllRanks(L.Callback):
             )
 
 
+# What gloo and NCCL say when another process of the run is gone (killed, crashed, its
+# node down) or has stopped answering for longer than trainer.strategy.timeout.
+LOST_PROCESS = re.compile(
+    r"Connection (?:closed|reset) by peer(?: \[[^\]]*\]:\d+)?"
+    r"|Timed out waiting \d+ms for \w+ operation to complete"
+    r"|Watchdog caught collective operation timeout"
+    r"|NCCL communicator was aborted"
+)
+
+
+def _lost_process_reason(error: BaseException | None) -> str | None:
+    """The words of `error` (or what caused it) that say another process is gone, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError) and (match := LOST_PROCESS.search(str(error))):
+            return match.group(0).strip()
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def report_lost_processes(main: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Run `main(cfg)`; when another process of the run is lost, stop with one line saying so.
+
+    Without this a survivor prints a long traceback from deep inside a
+    collective. The line names the lost rank (with two processes it is the
+    other one; with more, gloo and NCCL do not say which), the last checkpoint
+    and the command that continues the run.
+    """
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> T:
+        try:
+            return main(cfg)
+        except Exception as error:
+            reason = _lost_process_reason(error)
+            if reason is None:
+                raise
+            raise RunInterrupted(_lost_process_message(cfg, reason)) from None
+
+    return wrapper
+
+
+def _lost_process_message(cfg: DictConfig, reason: str) -> str:
+    rank = rank_zero_only.rank  # this process's global rank, set by Lightning
+    world = int(os.environ.get("WORLD_SIZE", 2))  # set by every launcher, Lightning's too
+    lost = f"rank {1 - rank} of 2" if world == 2 else f"another of the {world} ranks"
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        kept = f"the last checkpoint is {locate(run_dir)[1]}"
+    except UserError:
+        kept = "no checkpoint was written yet"
+    return (
+        f"lost {lost} ({reason}), so rank {rank} stopped too; {kept}; continue with the "
+        f"same launch on every node and resume={run_dir}"
+    )
+
+
 def fsdp_strategy(activation_checkpointing: bool = False, **kwargs: Any) -> Any:
     """Lightning's FSDPStrategy sharding each Transformer block, any family (conf/trainer/fsdp.yaml)."""
     from lightning.pytorch.strategies import FSDPStrategy
@@ -188,3 +306,19 @@ def fsdp_strategy(activation_checkpointing: bool = False, **kwargs: Any) -> Any:
     if activation_checkpointing:
         kwargs.setdefault("activation_checkpointing_policy", set(BLOCKS))
     return FSDPStrategy(**kwargs)
+
+
+def shard_each_block(model: torch.nn.Module, mesh: Any) -> None:
+    """FSDP2: `fully_shard` each Transformer block of any family, then the rest of the model.
+
+    A block's weights are gathered right before it runs and freed after; the
+    embeddings and the output layer (tied in GPT) form the outer unit.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from lmlab.models import BLOCKS
+
+    for module in model.modules():
+        if isinstance(module, BLOCKS):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)

@@ -15,9 +15,21 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """Something the user gave is wrong; the message says what and how to fix it."""
 
+    exit_code = EXIT_USER_ERROR
+
+
+class RunInterrupted(UserError):
+    """Something outside this process stopped the run (another of its processes is gone).
+
+    Reported like bad input, as one line that says how to go on, but with exit
+    code 1: the command itself was right.
+    """
+
+    exit_code = 1
+
 
 def report_user_errors(main: Callable[..., T]) -> Callable[..., T]:
-    """Turn a `UserError` into one line on stderr and exit code 2.
+    """Turn a `UserError` into one line on stderr and exit code 2 (its `exit_code`).
 
     Tracebacks are for bugs; a wrong path or value is not a bug.
     """
@@ -31,7 +43,7 @@ def report_user_errors(main: Callable[..., T]) -> Callable[..., T]:
             if user_error is None:
                 raise
             print(f"error: {user_error}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(user_error.exit_code)
 
     return wrapper
 

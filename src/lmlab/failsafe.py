@@ -6,7 +6,9 @@
   non-finite weights.
 - `GracefulStop`: SIGTERM or SIGINT lets the current optimizer step finish,
   writes `last.ckpt` and exits with 128 + the signal (143, 130), never 0. A
-  second signal stops at once.
+  second signal stops at once. Under SLURM with `trainer=slurm`, SIGUSR1 (sent
+  before the time limit) does the same with an `hpc_ckpt_N.ckpt` and requeues
+  the job (`scontrol requeue`), which continues from it in the same folder.
 - `NonFiniteGuard` stops the run on the first non-finite training loss,
   naming the step, before any checkpoint of that state is written.
 """
@@ -17,7 +19,9 @@ import functools
 import logging
 import math
 import os
+import re
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -27,6 +31,7 @@ from typing import Any, TypeVar
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -133,8 +138,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def install(self) -> None:
-        for signum in STOP_SIGNALS:
+    def install(self, *extra: int) -> None:
+        for signum in (*STOP_SIGNALS, *extra):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -197,8 +202,18 @@ class GracefulStop(Checkpoint):
     best_model_path = ""
     best_model_score = None
 
+    def __init__(self, requeue: SLURMEnvironment | None = None) -> None:
+        # SLURM's auto-requeue (trainer=slurm): its signal stops here too, at a step
+        # boundary. Lightning's own handler saves at whatever point the signal lands,
+        # even mid-step, and lets training go on until SLURM kills the job.
+        self.requeue = requeue if requeue is not None and requeue.auto_requeue else None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        STOP.install()  # after Lightning has installed its handlers for this fit
+        # after Lightning has installed its handlers for this fit
+        if self.requeue is not None and SLURMEnvironment.detect():
+            STOP.install(self.requeue.requeue_signal)
+        else:
+            STOP.install()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         signum = self._requested(trainer)
@@ -224,16 +239,48 @@ class GracefulStop(Checkpoint):
         return signum
 
     def _stop(self, trainer: L.Trainer, signum: int) -> None:
-        path = last_checkpoint_path(trainer)
+        requeue = self.requeue is not None and signum == self.requeue.requeue_signal
+        path = hpc_checkpoint_path(trainer) if requeue else last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
+            then = requeue_slurm_job() if requeue else "continue with resume=RUN_DIR"
             print(
-                f"stopped after step {trainer.global_step}; checkpoint {path}; "
-                "continue with resume=RUN_DIR",
+                f"stopped after step {trainer.global_step}; checkpoint {path}; {then}",
                 file=sys.stderr,
                 flush=True,
             )
         raise Stopped(signum)
+
+
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+
+
+def hpc_checkpoint_path(trainer: L.Trainer) -> Path:
+    """The next `hpc_ckpt_N.ckpt` in the run folder: where Lightning resumes a requeued job from."""
+    folder = Path(trainer.default_root_dir)
+    numbers = [
+        int(m.group(1))
+        for p in folder.glob("hpc_ckpt_*.ckpt")
+        if (m := HPC_CHECKPOINT.fullmatch(p.name))
+    ]
+    return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+def requeue_slurm_job() -> str:
+    """`scontrol requeue` this SLURM job (an array task by its array id); what happened, in words."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (
+        f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if array_job
+        else os.environ["SLURM_JOB_ID"]
+    )
+    try:
+        code = subprocess.run(["scontrol", "requeue", job], timeout=60).returncode
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"could not requeue SLURM job {job} ({error}); resubmit it"
+    if code != 0:
+        return f"scontrol requeue {job} failed (exit code {code}); resubmit the job"
+    return f"requeued SLURM job {job}: it continues from this checkpoint in this folder"
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -337,7 +384,12 @@ class NonFiniteGuard(L.Callback):
         )
 
 
-def run_callbacks() -> list[L.Callback]:
-    """The callbacks every training run gets, besides those in the config."""
+def run_callbacks(plugins: Iterable[Any] = ()) -> list[L.Callback]:
+    """The callbacks every training run gets, besides those in the config.
+
+    `plugins` are the trainer's: a SLURMEnvironment with auto_requeue among them
+    makes its signal a graceful stop that requeues the job.
+    """
+    requeue = next((p for p in plugins if isinstance(p, SLURMEnvironment)), None)
     # order matters within a step: check, then stop (the config's callbacks come first)
-    return [NonFiniteGuard(), ResumeState(), GracefulStop()]
+    return [NonFiniteGuard(), ResumeState(), GracefulStop(requeue)]

@@ -45,8 +45,10 @@ class LanguageModel(L.LightningModule):
         self._restored: dict | None = None  # a resumed run's carried training state
         # Matrices and embeddings decay; biases and LayerNorm gains do not. Decided
         # here, on whole tensors: under FSDP they are flat 1-D shards by the time
-        # configure_optimizers runs (the Parameter objects stay the same).
+        # configure_optimizers runs (the Parameter objects stay the same). FSDP2
+        # (trainer=fsdp2) replaces them with DTensors of the same logical shape instead.
         self._no_decay = {id(p) for p in self.model.parameters() if p.dim() < 2}
+        self._decided = {id(p) for p in self.model.parameters()}
         if compile:
             self.model.compile()  # in place, so state_dict keys stay clean
         self.vocab_words = list(vocab_words)
@@ -151,11 +153,29 @@ class LanguageModel(L.LightningModule):
         self.log(f"{stage}/word_ppl", word_ppl)
         self.log(f"{stage}/bpc", bpc)
 
+    def configure_model(self) -> None:
+        """Shard the model when the strategy leaves that to the module (ModelParallelStrategy).
+
+        Lightning calls this before fit and again before test: shard once.
+        Other strategies (DDP, FSDPStrategy) wrap the model themselves.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from torch.distributed.fsdp import FSDPModule
+
+        from lmlab.distributed import shard_each_block
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not isinstance(
+            self.model, FSDPModule
+        ):
+            shard_each_block(self.model, self.device_mesh["data_parallel"])
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for param in self.model.parameters():
             if param.requires_grad:
-                (no_decay if id(param) in self._no_decay else decay).append(param)
+                known = id(param) in self._decided
+                small = id(param) in self._no_decay if known else param.dim() < 2
+                (no_decay if small else decay).append(param)
         optimizer = self.optimizer_factory(
             [
                 {"params": decay},  # the optimizer's own weight_decay

@@ -60,6 +60,8 @@ def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[Di
         result: dict[str, Any] = {"status": FAILED, "error": None}
         ok = False
         try:
+            if sweeping:
+                distributed.share_cores_with_parallel_jobs()
             if sweeping and distributed.sweep_job_needs_fresh_processes(cfg.trainer):
                 (output_dir / RESULT_FILE).unlink(missing_ok=True)
                 code = distributed.run_in_fresh_processes(output_dir)

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import UserError
+from lmlab.run_folder import joins_another_process
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
 INIT_FROM_KEY = "init_from"  # a new run from trained weights (lmlab.finetune): not with resume
@@ -39,7 +40,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     unchanged.
     """
     program, args = argv[0], argv[1:]
-    ours = [a for a in args if a.lstrip("+").partition("=")[0] == RESUME_KEY]
+    # `++resume=` is what this rewrite leaves: the further processes Lightning starts
+    # (trainer.devices=2) re-run the rewritten command line, which must stay as it is
+    ours = [a for a in args if a.partition("=")[0] in (RESUME_KEY, f"+{RESUME_KEY}")]
     if not ours:
         return argv
     if len(ours) > 1:
@@ -74,7 +77,8 @@ def resume_argv(argv: list[str]) -> list[str]:
 
     step = _global_step(checkpoint)
     job_name = _job_name(hydra_dir)
-    _keep_previous_config(hydra_dir)
+    if not joins_another_process():  # rank 0 keeps it; the other ranks write nothing
+        _keep_previous_config(hydra_dir)
     shown = " ".join(overrides) if overrides else "none"
     print(
         f"resuming {run_dir} from {checkpoint.name} (step {step}); overrides: {shown}",

@@ -9,6 +9,8 @@ writes `.hydra/` into it, so a refusal leaves every file as it was:
   name is claimed with an atomic `mkdir`, so two runs never share one.
 - A new run (not `resume=`) into a folder that already holds a run stops with
   one line and exit 2; continue that run with `resume=`, or pick another folder.
+  A requeued SLURM job (trainer=slurm) that finds its `hpc_ckpt_N.ckpt` there
+  continues the run instead.
 - A folder that cannot be created or written stops with one line naming it.
 - A lock file, `lmlab.lock`, records the owner (pid, host, start time, command).
   A second process finding a live owner stops with one line; a lock whose owner
@@ -22,7 +24,11 @@ whose job folders 0, 1, ... would overwrite the earlier sweep's.
 
 Processes that join a run someone else started (DDP ranks started by Lightning,
 torchrun or SLURM, and a sweep job's own fresh `train.py`) write into the
-folder their rank 0 holds, so they skip all of this.
+folder their rank 0 holds, so they skip all of this. Ranks after the first that
+torchrun or srun started (on this node or another) write nothing there at all:
+`further_rank_argv` turns off their `.hydra/` and their log file, which Hydra
+would otherwise write in every process (Lightning gives the processes it starts
+such overrides itself).
 """
 
 from __future__ import annotations
@@ -47,19 +53,54 @@ LOCK_FILE = "lmlab.lock"
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.jsonl", "result.json", "summary.json")
 # Set for every process of a run but its first: they use the folder rank 0 holds.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+# Set by launchers that start every process themselves (torchrun, srun), not by Lightning.
+LAUNCHER_RANK_VARIABLES = ("RANK", "SLURM_PROCID")
+# What a further rank started by such a launcher adds to its command line: no .hydra/ and
+# log lines on its own console only, so rank 0 alone writes into the shared run folder.
+FURTHER_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
 SWEEP_DIR_ENV = "LMLAB_SWEEP_DIR"  # set for a sweep job run in fresh processes (lmlab.distributed)
 RESUMABLE_SWEEPERS = ("hydra_plugins.lmlab_sweepers.optuna_search.OptunaSearch",)
 
 
 def joins_another_process() -> bool:
     """Whether this process is a further rank of a run (or sweep job) another process holds."""
-    if os.environ.get(SWEEP_DIR_ENV):
-        return True
-    for name in RANK_VARIABLES:
+    return bool(os.environ.get(SWEEP_DIR_ENV)) or _any_rank_above_zero(RANK_VARIABLES)
+
+
+def _any_rank_above_zero(names: tuple[str, ...]) -> bool:
+    for name in names:
         value = os.environ.get(name, "0")
         if value.isdigit() and int(value) != 0:
             return True
     return False
+
+
+def requeued_slurm_job(folder: Path) -> bool:
+    """Whether this is a SLURM job that was requeued (trainer=slurm) to continue the run in `folder`.
+
+    SLURM counts requeues in SLURM_RESTART_COUNT; the run stopped with an
+    `hpc_ckpt_N.ckpt` there, which Lightning continues from.
+    """
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return restarts.isdigit() and int(restarts) > 0 and any(folder.glob("hpc_ckpt_*.ckpt"))
+
+
+def launched_as_further_rank() -> bool:
+    """Whether torchrun or srun started this process as a rank other than 0."""
+    return _any_rank_above_zero(LAUNCHER_RANK_VARIABLES)
+
+
+def further_rank_argv(argv: list[str]) -> list[str]:
+    """`argv` with FURTHER_RANK_OVERRIDES for a further rank started by torchrun or srun.
+
+    The same settings given on the command line are replaced, not repeated
+    (Hydra refuses a key set twice).
+    """
+    if not launched_as_further_rank():
+        return argv
+    keys = {o.partition("=")[0] for o in FURTHER_RANK_OVERRIDES}
+    kept = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in keys]
+    return [argv[0], *kept, *FURTHER_RANK_OVERRIDES]
 
 
 class RunFolderGuard(Callback):
@@ -76,7 +117,7 @@ class RunFolderGuard(Callback):
         folder = self._claim(config, "hydra.run.dir", resuming=resuming)
         if not resuming:
             holds = [name for name in RUN_MARKERS if (folder / name).exists()]
-            if holds:
+            if holds and not requeued_slurm_job(folder):
                 raise UserError(
                     f"run folder {folder} already holds a run ({', '.join(holds)}); continue "
                     f"it with resume={folder}, or give the new run another hydra.run.dir"

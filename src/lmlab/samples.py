@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,9 +10,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lmlab.decoding import generate
 from lmlab.tokenizers import Tokenizer, tokenizer_from_dict
+
+log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.md"
 
@@ -63,6 +67,7 @@ class SampleText(Callback):
         self.top_k = top_k
         self.top_p = top_p
         self.seed = seed
+        self._said_sharded = False
         self._vocab: Tokenizer | None = None
 
     @property
@@ -114,6 +119,13 @@ class SampleText(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not _fitting(trainer) or not trainer.is_global_zero:
+            return
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            # rank 0 alone cannot run a sharded model: each block gathers its weights
+            # from every rank, which would wait for ranks that are not decoding
+            if not self._said_sharded:
+                log.info("no sample text: the model is sharded (FSDP)")
+                self._said_sharded = True
             return
         rows = self.continuations(pl_module)
         step = trainer.global_step

@@ -18,7 +18,11 @@ from omegaconf import DictConfig
 from lmlab.callbacks import ModelFiles, find_callback
 from lmlab.checkpoint import checkpoint_metadata
 from lmlab.config import check_train_config, instantiate_each
-from lmlab.distributed import SameConfigOnAllRanks
+from lmlab.distributed import (
+    SameConfigOnAllRanks,
+    check_launched_world_size,
+    report_lost_processes,
+)
 from lmlab.failsafe import (
     AtomicCheckpointIO,
     prepare_checkpoint_dirs,
@@ -38,9 +42,11 @@ log = logging.getLogger(__name__)
 
 
 @record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
+@report_lost_processes  # another process of the run is gone: one line, not a traceback
 @stop_on_signals
 def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
+    check_launched_world_size(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer_spec = instantiate(cfg.tokenizer) if cfg.get("tokenizer") else None
@@ -74,12 +80,13 @@ def main(cfg: DictConfig) -> dict:
         needs_native_bf16=module.model.needs_native_bf16,
     )
     log.info("precision %s: %s", precision.precision, precision.reason)
+    plugins = [*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
     trainer = instantiate(
         cfg.trainer,
         precision=precision.precision,
         callbacks=[
             *instantiate_each(cfg.get("callbacks")),
-            *run_callbacks(),
+            *run_callbacks(plugins),
             SameConfigOnAllRanks(cfg),
             ModelFiles(
                 output_dir / "checkpoints",
@@ -87,7 +94,7 @@ def main(cfg: DictConfig) -> dict:
             ),
         ],
         logger=instantiate_each(cfg.get("logger")) or False,
-        plugins=[*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()],
+        plugins=plugins,
     )
     log_config(trainer.loggers, cfg)
     if trainer.is_global_zero:
