@@ -18,6 +18,8 @@ from lmlab.models import ModelConfig, build_model
 from lmlab.models.interface import State
 from lmlab.tokenizers import tokenizer_from_dict
 
+# What FSDPStrategy (FSDP1) puts in the names of the parameters it wraps.
+FSDP_WRAPPER = "_fsdp_wrapped_module."
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 CARRIED_KEY = "lmlab_carried_state"  # checkpoint[...]: the training state carried mid-epoch
@@ -44,11 +46,10 @@ class LanguageModel(L.LightningModule):
         self._states: dict[str, tuple[int, State]] = {}  # stage -> (epoch, its state)
         self._restored: dict | None = None  # a resumed run's carried training state
         # Matrices and embeddings decay; biases and LayerNorm gains do not. Decided
-        # here, on whole tensors: under FSDP they are flat 1-D shards by the time
-        # configure_optimizers runs (the Parameter objects stay the same). FSDP2
-        # (trainer=fsdp2) replaces them with DTensors of the same logical shape instead.
-        self._no_decay = {id(p) for p in self.model.parameters() if p.dim() < 2}
-        self._decided = {id(p) for p in self.model.parameters()}
+        # here, on whole tensors and by name: under FSDP they are flat 1-D shards by the
+        # time configure_optimizers runs, and FSDP2 (trainer=fsdp2) replaces the Parameter
+        # objects with DTensors (so an id() kept from here could be reused by another).
+        self._no_decay = {n for n, p in self.model.named_parameters() if p.dim() < 2}
         if compile:
             self.model.compile()  # in place, so state_dict keys stay clean
         self.vocab_words = list(vocab_words)
@@ -171,10 +172,9 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for param in self.model.parameters():
+        for name, param in self.model.named_parameters():
             if param.requires_grad:
-                known = id(param) in self._decided
-                small = id(param) in self._no_decay if known else param.dim() < 2
+                small = name.replace(FSDP_WRAPPER, "") in self._no_decay
                 (no_decay if small else decay).append(param)
         optimizer = self.optimizer_factory(
             [
