@@ -125,8 +125,9 @@ def test_training_order_is_seeded_per_epoch_and_ranks_are_disjoint():
 
 def test_token_blocks_pad_only_the_last_evaluation_block():
     blocks = TokenBlocks(torch.arange(1, 11), seq_len=4, pad_last=True)
-    assert blocks.inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
-    assert blocks.targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, -100, -100]]
+    inputs, targets = blocks.all_blocks()
+    assert inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    assert targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, -100, -100]]
     train = TokenBlocks(torch.arange(1, 11), seq_len=4, pad_last=False)
     assert len(train) == 2
 

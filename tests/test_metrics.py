@@ -39,7 +39,7 @@ def test_blocks_and_streams_count_the_words_and_characters_of_the_text(kind, siz
     counts = UnitCounts(tokenizer.units(), tokenizer.eos_id)
     tokens = torch.from_numpy(tokenizer.encode_lines(LINES))
     blocks = TokenBlocks(tokens, seq_len=7, pad_last=True)  # the last block padded
-    assert counts(blocks.inputs, blocks.targets) == (text_words(LINES), text_chars(LINES))
+    assert counts(*blocks.all_blocks()) == (text_words(LINES), text_chars(LINES))
     windows = StreamWindows(tokens, streams=3, seq_len=5, pad_last=True)
     found = [counts(*windows[i]) for i in range(len(windows))]
     assert sum(w for w, _ in found) == text_words(LINES)

@@ -94,14 +94,9 @@ class TokenBlocks(Dataset):
         inputs = previous.masked_fill((position == 0) | ~real, self.eos_id)
         return inputs, targets
 
-    @property
-    def inputs(self) -> Tensor:
-        """Every block's inputs, (num_blocks, seq_len): for evaluating a split held in memory."""
-        return self[list(range(self.num_blocks))][0]
-
-    @property
-    def targets(self) -> Tensor:
-        return self[list(range(self.num_blocks))][1]
+    def all_blocks(self) -> tuple[Tensor, Tensor]:
+        """Every block's inputs and targets, (num_blocks, seq_len) each, gathered in one pass."""
+        return self[list(range(self.num_blocks))]
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

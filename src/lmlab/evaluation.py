@@ -118,7 +118,7 @@ def perplexity(
     else:
         if stride is None:
             blocks = TokenBlocks(tokens, seq_len, pad_last=True, eos_id=eos_id)
-            pairs = zip(blocks.inputs, blocks.targets, strict=True)
+            pairs = zip(*blocks.all_blocks(), strict=True)
             num_windows = len(blocks)
         else:
             pairs = sliding_windows(tokens, seq_len, stride, eos_id, IGNORE_INDEX)
