@@ -28,7 +28,7 @@ from lmlab.download import download, file_digest
 from lmlab.errors import UserError
 from lmlab.loss import IGNORE_INDEX  # the target of padding positions; cross-entropy skips them
 from lmlab.progress import status
-from lmlab.streams import StreamWindows, WindowOrder, take_tokens
+from lmlab.streams import StreamWindows, WindowOrder, next_token_pairs
 from lmlab.tokenizers import Tokenizer, TokenizerSpec, tokenizer_from_dict
 from lmlab.vocab import Vocabulary
 
@@ -87,12 +87,7 @@ class TokenBlocks(Dataset):
             return inputs, torch.full_like(targets, IGNORE_INDEX)
         # Target positions in the split; position p's input is token p - 1 (`<eos>` at 0).
         position = torch.as_tensor(index)[..., None] * self.seq_len + self.offsets
-        real = position < self.total
-        where = position.clamp(max=self.total - 1)
-        targets = take_tokens(self.tokens, where).masked_fill(~real, IGNORE_INDEX)
-        previous = take_tokens(self.tokens, (where - 1).clamp(min=0))
-        inputs = previous.masked_fill((position == 0) | ~real, self.eos_id)
-        return inputs, targets
+        return next_token_pairs(self.tokens, position, position < self.total, self.eos_id)
 
     def all_blocks(self) -> tuple[Tensor, Tensor]:
         """Every block's inputs and targets, (num_blocks, seq_len) each, gathered in one pass."""

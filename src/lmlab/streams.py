@@ -83,11 +83,19 @@ class StreamWindows(Dataset):
         position = self.starts[:, None] + index * self.seq_len + self.offsets[None, :]
         end = self.starts[:, None] + self.stream_len
         real = (position < end) & (position < self.total)
-        where = position.clamp(max=self.total - 1)
-        targets = take_tokens(self.tokens, where).masked_fill(~real, IGNORE_INDEX)
-        previous = take_tokens(self.tokens, (where - 1).clamp(min=0))
-        inputs = previous.masked_fill((position == 0) | ~real, self.eos_id)
-        return inputs, targets
+        return next_token_pairs(self.tokens, position, real, self.eos_id)
+
+
+def next_token_pairs(
+    tokens: Tensor | np.ndarray, position: Tensor, real: Tensor, eos_id: int
+) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) for target `position`s in the split; position p's input is token p - 1
+    (`<eos>` at position 0). Where `real` is False: input `<eos>`, target IGNORE_INDEX."""
+    where = position.clamp(max=len(tokens) - 1)
+    targets = take_tokens(tokens, where).masked_fill(~real, IGNORE_INDEX)
+    previous = take_tokens(tokens, (where - 1).clamp(min=0))
+    inputs = previous.masked_fill((position == 0) | ~real, eos_id)
+    return inputs, targets
 
 
 def take_tokens(tokens: Tensor | np.ndarray, index: Tensor) -> Tensor:
