@@ -38,7 +38,7 @@ import torch
 
 from lmlab.atomic import write_atomically
 from lmlab.download import download, is_url
-from lmlab.errors import UserError, report_user_errors
+from lmlab.errors import UserError, brief, report_user_errors
 from lmlab.hf import PREFIX as HF_PREFIX
 from lmlab.hf import export_hf, import_hf, is_hf_folder
 from lmlab.models import ModelConfig, build_model, config_from_dict
@@ -218,7 +218,7 @@ def load_model(
             model.load_state_dict(state)
         except RuntimeError as error:
             raise UserError(
-                f"checkpoint {name} does not match its own model config: {_brief(error)}"
+                f"checkpoint {name} does not match its own model config: {brief(error)}"
             ) from None
     return model.to(device).eval(), vocab
 
@@ -270,10 +270,6 @@ def _build(config: Any, words: Any, tokenizer: Any, name: str) -> tuple[torch.nn
             f"vocab_size={model_config.vocab_size}"
         )
     return build_model(model_config), vocab
-
-
-def _brief(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +347,7 @@ def _load_export(folder: Path, name: str) -> tuple[torch.nn.Module, Tokenizer]:
     except (RuntimeError, OSError, safetensors.SafetensorError) as error:
         raise UserError(
             f"{folder / WEIGHTS_FILE} is truncated, corrupted or does not match {CONFIG_FILE}: "
-            f"{_brief(error)}"
+            f"{brief(error)}"
         ) from None
     return model, vocab
 

@@ -18,6 +18,11 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
+def brief(error: BaseException) -> str:
+    """A library's error message on one line, cut to 300 characters, to end a UserError's."""
+    return " ".join(str(error).split())[:300]
+
+
 class RunInterrupted(UserError):
     """Something outside this process stopped the run (another of its processes is gone).
 

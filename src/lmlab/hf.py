@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from lmlab.atomic import write_atomically
 from lmlab.download import is_url
-from lmlab.errors import UserError
+from lmlab.errors import UserError, brief
 from lmlab.models import build_model, config_from_dict
 from lmlab.tokenizers import Tokenizer
 from lmlab.vocab import EOS, UNK, Vocabulary
@@ -150,7 +150,8 @@ def to_hf_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if ours in state:
             tensor = state[ours]
         else:  # a bias lmlab left out: the length of its weight's rows
-            tensor = torch.zeros(state[ours.replace(".bias", ".weight")].shape[0])
+            weight = state[ours.replace(".bias", ".weight")]
+            tensor = weight.new_zeros(weight.shape[0])
         out[theirs] = (tensor.t() if transposed else tensor).contiguous()
     return out
 
@@ -530,8 +531,7 @@ def import_hf(source: str | Path) -> tuple[nn.Module, Vocabulary]:
     try:
         model.load_state_dict(from_hf_state(config, _read_weights(folder, name), name))
     except RuntimeError as error:
-        brief = " ".join(str(error).split())[:300]
-        raise UserError(f"{name}: the weights do not match {CONFIG_FILE}: {brief}") from None
+        raise UserError(f"{name}: the weights do not match {CONFIG_FILE}: {brief(error)}") from None
     return model.eval(), vocab
 
 
