@@ -88,6 +88,7 @@ def test_logger_none_gives_no_logger(tmp_path):
             "callbacks.budget.seconds must be a positive number of seconds or null, got 'soon'",
         ),
         ("trainer.precision=fast", "trainer.precision must be one of auto, 64-true"),
+        ("compile=maybe", "compile must be true, false or auto, got 'maybe'"),
     ],
 )
 def test_out_of_range_values_are_refused_with_one_line(override, message, tmp_path):

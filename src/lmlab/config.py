@@ -71,7 +71,7 @@ NUMBER = "a number"
 RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("seed", "an integer", is_int),
     ("test", "true or false", _is_bool),
-    ("compile", "true or false", _is_bool),
+    ("compile", "true, false or auto", lambda v: _is_bool(v) or v == "auto"),
     (
         "init_from",
         "a checkpoint path, a URL, an exported folder or hf:DIR (or null)",

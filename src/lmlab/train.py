@@ -29,6 +29,7 @@ from lmlab.failsafe import (
     run_callbacks,
     stop_on_signals,
 )
+from lmlab.compilation import AUTO, CompileWherePays
 from lmlab.finetune import freeze, initialise_from
 from lmlab.lit_module import LanguageModel
 from lmlab.loggers import log_config
@@ -60,7 +61,7 @@ def main(cfg: DictConfig) -> dict:
         tokenizer.words,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        compile=cfg.compile,
+        compile=cfg.compile is True,  # auto: CompileWherePays decides when fitting starts
         carry_state=cfg.data.get("order") == "contiguous",
         tokenizer=tokenizer.to_dict(),
     )
@@ -87,6 +88,7 @@ def main(cfg: DictConfig) -> dict:
         callbacks=[
             *instantiate_each(cfg.get("callbacks")),
             *run_callbacks(plugins),
+            *([CompileWherePays(datamodule.cache_root)] if cfg.compile == AUTO else []),
             SameConfigOnAllRanks(cfg),
             ModelFiles(
                 output_dir / "checkpoints",

@@ -174,6 +174,7 @@ class GPTLM(nn.Module):
 
     carries_state = False  # each training window starts afresh (no memory across windows)
     needs_native_bf16 = False  # emulated bf16 is slow, but every kernel has it
+    compiles = True  # torch.compile makes one graph of a training step (tests/test_compile.py)
 
     def new_state(
         self,

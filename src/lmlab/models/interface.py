@@ -23,7 +23,8 @@ llama.py, lstm.py; the registry is `lmlab.models`):
   whether training in the contiguous data order hands the state of one window
   on to the next (truncated backpropagation through time). `needs_native_bf16`
   says that some kernel of the model has no bf16 path where the CPU lacks bf16
-  instructions (oneDNN's LSTM fails there instead of emulating).
+  instructions (oneDNN's LSTM fails there instead of emulating). `compiles` says
+  whether torch.compile makes one graph of it, so `compile=auto` may measure it.
 
 Decoding, beam search, evaluation, the LightningModule and export use only this,
 so none of them asks which family it drives.
@@ -80,6 +81,7 @@ class LanguageModelNet(Protocol):
     max_context: int | None
     carries_state: bool
     needs_native_bf16: bool
+    compiles: bool
 
     def __call__(
         self,

@@ -200,6 +200,7 @@ class Block(nn.Module):
 class LlamaLM(nn.Module):
     carries_state = False  # each training window starts afresh (no memory across windows)
     needs_native_bf16 = False  # emulated bf16 is slow, but every kernel has it
+    compiles = True  # torch.compile makes one graph of a training step (tests/test_compile.py)
     max_context = None  # rotary positions have no table: no limit (a KV cache has a size)
 
     def __init__(self, config: LlamaConfig) -> None:

@@ -140,6 +140,7 @@ class LSTMLM(nn.Module):
     carries_state = True  # contiguous training hands each window's final state to the next
     max_context = None  # a recurrent state holds any length
     needs_native_bf16 = True  # oneDNN's LSTM has no bf16 kernel without AVX-512 BF16 or AMX
+    compiles = False  # dynamo leaves nn.LSTM's fused kernel to eager: compile=auto skips it
 
     def __init__(self, config: LSTMConfig) -> None:
         super().__init__()
