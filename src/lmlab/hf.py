@@ -507,6 +507,13 @@ def _weights_bytes(model: nn.Module) -> bytes:
     return safetensors.torch.save(state, metadata={"format": "pt"})
 
 
+# transformers' pipeline decodes the new tokens alone: a word's space is at its end (bpe) or is
+# a token of its own (char), so the first new word is appended to the prompt without it.
+_GLUED = (
+    " The pipeline appends the text of the new tokens to the prompt, which loses the space "
+    "between the prompt and the first new word; `tokenizer.decode` of the whole sequence gives "
+    "lmlab's text."
+)
 # What the model card says of each exported tokenizer kind: its tag, what it is, how it reads text.
 _CARD_TOKENIZER = {
     "word": (
@@ -518,13 +525,13 @@ _CARD_TOKENIZER = {
         "character-level",
         "a character tokenizer of {size:,} characters (`▁` between words)",
         "Text is read character by character, `▁` between words; a character the training "
-        "text did not have is `<unk>`.",
+        "text did not have is `<unk>`." + _GLUED,
     ),
     "bpe": (
         "bpe",
         "lmlab's BPE tokenizer of {size:,} tokens (no merge across words)",
         "Text is split on spaces, each word into BPE pieces; a character the training text "
-        "did not have is `<unk>`.",
+        "did not have is `<unk>`." + _GLUED,
     ),
 }
 
