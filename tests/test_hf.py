@@ -12,12 +12,13 @@ import transformers  # the hf extra, part of dev
 from lmlab.checkpoint import export, load_model
 from lmlab.decoding import generate
 from lmlab.errors import UserError
+from lmlab.finetune import VOCAB_ROWS, initialise_from
 from lmlab.hf import export_hf, import_hf
 from lmlab.models import build_model
 from lmlab.models.gpt import GPTConfig
 from lmlab.models.llama import LlamaConfig
 from lmlab.models.lstm import LSTMConfig
-from lmlab.tokenizers import Tokenizer
+from lmlab.tokenizers import Tokenizer, TokenizerSpec
 from lmlab.vocab import Vocabulary
 
 from conftest import run_entry_point
@@ -31,8 +32,9 @@ def hf_load(folder: Path):
     return model.eval(), tokenizer
 
 
-def check_same_model(model, vocab: Tokenizer, folder: Path, lines: list[str]) -> None:
-    """transformers' model and tokenizer of `folder` agree with lmlab's `model` and `vocab`."""
+def check_same_model(model, vocab: Tokenizer, folder: Path, lines: list[str]):
+    """transformers' model and tokenizer of `folder` agree with lmlab's `model` and `vocab`;
+    the tokenizer."""
     hf_model, tokenizer = hf_load(folder)
     for line in lines:  # PTB-style text: the corpus's own ids, <unk> for unknown words
         assert tokenizer(line, add_special_tokens=False).input_ids == vocab.encode(line)
@@ -47,6 +49,7 @@ def check_same_model(model, vocab: Tokenizer, folder: Path, lines: list[str]) ->
     hf_greedy = hf_model.generate(ids, max_new_tokens=8, do_sample=False)
     assert hf_greedy.tolist() == greedy.tolist()
     assert greedy.shape[1] > ids.shape[1]  # it continued
+    return tokenizer
 
 
 def reexported_weights(folder: Path, tmp_path: Path) -> bytes:
@@ -153,6 +156,75 @@ def test_gpt_without_biases_exports_zero_biases(tmp_path):
     )
 
 
+def tiny_gpt(vocab_size: int) -> torch.nn.Module:
+    """The shape of `model=tiny` at `data.seq_len=16`; weights large enough that the greedy
+    choices are clear."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind, size, card",
+    [("bpe", 120, "lmlab's BPE tokenizer of 120 tokens"), ("char", None, "a character tokenizer")],
+)
+def test_bpe_and_char_models_exported_run_in_transformers_and_come_back(
+    kind, size, card, corpus_dir, tmp_path
+):
+    train = (corpus_dir / "ptb.train.txt").read_text().splitlines()
+    vocab = TokenizerSpec(kind, size).train(train)
+    model = tiny_gpt(len(vocab))
+    folder = export(model, vocab, tmp_path / "hf", "hf")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        assert config["eos_token_id"] == config["bos_token_id"] == vocab.eos_id == 0, name
+    assert card in (folder / "README.md").read_text()
+
+    lines = (corpus_dir / "ptb.valid.txt").read_text().splitlines()[:5]
+    lines += [" the zq <unk> company\tsaid  w1 "]  # unseen characters, a literal <unk>
+    tokenizer = check_same_model(model, vocab, folder, lines)
+    for line in lines:
+        ids = [vocab.eos_id, *vocab.encode(line), vocab.unk_id, vocab.eos_id]
+        assert tokenizer.decode(ids) == vocab.decode(ids)
+    assert tokenizer.decode(vocab.encode(" the company  said ")) == "the company said"
+
+    imported, imported_vocab = load_model(f"hf:{folder}")
+    assert imported_vocab.kind == kind
+    assert imported_vocab.to_dict() == vocab.to_dict() and imported_vocab.words == vocab.words
+    assert reexported_weights(folder, tmp_path) == (folder / "model.safetensors").read_bytes()
+    again = tmp_path / "again" / "tokenizer.json"
+    assert again.read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+    # init_from=hf:DIR, as train.py calls it: a run of this tokenizer on the same training
+    # split trains the same tokens (the tokenizers library may number BPE's tied ones in
+    # another order; rows are matched by token), so every row keeps its trained value
+    run_vocab = TokenizerSpec(kind, size).train(train)
+    fresh = build_model(model.config)
+    alignment = initialise_from(fresh, run_vocab, f"hf:{folder}")
+    assert (alignment.kept, alignment.new, alignment.dropped) == (len(vocab), 0, 0)
+    rows = [vocab.index[token] for token in run_vocab.words]
+    trained = model.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        expected = trained[name][rows] if name in VOCAB_ROWS else trained[name]
+        assert torch.equal(tensor, expected), name
+
+
+def test_bpe_export_writes_the_tokenizer_the_checkpoint_carries(corpus_dir, tmp_path):
+    vocab = TokenizerSpec("bpe", 120).train((corpus_dir / "ptb.train.txt").read_text().split("\n"))
+    folder = export(tiny_gpt(len(vocab)), vocab, tmp_path / "hf", "hf")
+    exported = json.loads((folder / "tokenizer.json").read_text())
+    # not a new tokenizer: the same JSON, with the <eos> before a prompt and a decoder added
+    assert {**exported, "post_processor": None, "decoder": None} == vocab.to_dict()["hf"]
+    assert [(t["id"], t["content"], t["special"]) for t in exported["added_tokens"]] == [
+        (0, "<eos>", True),
+        (1, "<unk>", True),
+    ]
+
+
 def test_lstm_export_to_hf_is_refused(tmp_path):
     model = build_model(LSTMConfig(vocab_size=len(WORDS), n_layer=1, n_embd=8, n_hidden=8))
     with pytest.raises(UserError, match=r"^the lstm family has no transformers class; export"):
@@ -180,7 +252,7 @@ def test_import_refuses_what_lmlab_cannot_hold(llama_folder: Path, tmp_path: Pat
             {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
             r"rope type='llama3': lmlab's llama has plain RoPE",
         ),
-        ({"vocab_size": 99}, r"the tokenizer has 46 words but vocab_size is 99"),
+        ({"vocab_size": 99}, r"the tokenizer has 46 tokens but vocab_size is 99"),
     ]
     for changes, message in rows:
         config.write_text(original)
@@ -193,10 +265,14 @@ def test_import_refuses_what_lmlab_cannot_hold(llama_folder: Path, tmp_path: Pat
     tokenizer = llama_folder / "tokenizer.json"
     kept = tokenizer.read_text()
     data = json.loads(kept)
-    data["model"] = {"type": "BPE", "vocab": {}, "merges": []}
-    tokenizer.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=r"is a BPE tokenizer; lmlab reads word-level"):
-        import_hf(f"hf:{llama_folder}")
+    foreign = [  # GPT-2's byte-level BPE; a SentencePiece-style Unigram
+        ({"type": "BPE", "vocab": {}, "merges": []}, r"is a BPE tokenizer lmlab did not write"),
+        ({"type": "Unigram", "vocab": []}, r"is a Unigram tokenizer; lmlab reads word-level"),
+    ]
+    for model, message in foreign:
+        tokenizer.write_text(json.dumps({**data, "model": model, "pre_tokenizer": None}))
+        with pytest.raises(UserError, match=message):
+            import_hf(f"hf:{llama_folder}")
     tokenizer.write_text(kept)
 
     weights.write_bytes(weights.read_bytes()[:100])

@@ -200,8 +200,8 @@ def load_model(
     name = str(source)
     path = None if is_url(source) else Path(source).expanduser()
     if name.startswith(HF_PREFIX) or (path is not None and is_hf_folder(path)):
-        model, words = import_hf(name)
-        return model.to(device).eval(), Tokenizer(words)
+        model, vocab = import_hf(name)
+        return model.to(device).eval(), vocab
     if path is not None and path.suffix == ".safetensors" and path.is_file():
         if path.name != WEIGHTS_FILE:
             raise UserError(

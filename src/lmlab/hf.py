@@ -7,12 +7,16 @@ README.md model card. `gpt` becomes `GPT2LMHeadModel` (exact GELU:
 `activation_function="gelu"`; GPT-2's Conv1D stores its weights transposed
 against `nn.Linear`), `llama` becomes `LlamaForCausalLM` (lmlab's RoPE already
 rotates halves as Hugging Face does, so no permutation of q and k). The `lstm`
-family has no transformers class.
+family has no transformers class. The tokenizer is a word-level one for
+`tokenizer=word` and, for `tokenizer=bpe`, the BPE tokenizer the checkpoint
+carries (Hugging Face's own JSON already), for `tokenizer=char` a character-level
+one.
 
 `import_hf` reads such a folder back (any GPT-2 or Llama folder whose shape
-lmlab's families can hold) as data only: JSON and safetensors, no code runs and
-transformers is not needed. Export then import then export gives the same
-weight bytes.
+lmlab's families can hold, with a word-level tokenizer or lmlab's char or BPE) as data
+only: JSON and safetensors, no code runs and transformers is not needed.
+Export then import then export gives the same weight bytes, and the same
+tokenizer.
 
 Only this module imports transformers, and only inside `export_hf`, so the
 rest of lmlab works without the `hf` extra.
@@ -36,7 +40,14 @@ from lmlab.atomic import write_atomically
 from lmlab.download import is_url
 from lmlab.errors import UserError, brief
 from lmlab.models import build_model, config_from_dict
-from lmlab.tokenizers import Tokenizer
+from lmlab.tokenizers import (
+    BOUNDARY,
+    SUFFIX,
+    BPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    tokenizer_from_dict,
+)
 from lmlab.vocab import EOS, UNK, Vocabulary
 
 PREFIX = "hf:"  # init_from=hf:DIR, ckpt=hf:DIR
@@ -306,65 +317,157 @@ def _refuse_unmatched(checks: dict[str, tuple[bool, str]], values: dict, name: s
 
 
 # ---------------------------------------------------------------------------
-# The tokenizer: lmlab's vocabulary <-> a tokenizers-library tokenizer.
+# The tokenizer: lmlab's tokenizer <-> a tokenizers-library tokenizer.
 
 
-def hf_tokenizer(vocab: Vocabulary, max_length: int | None) -> Any:
+def hf_tokenizer(vocab: Tokenizer, max_length: int | None) -> Any:
     """A `PreTrainedTokenizerFast` that encodes text to exactly lmlab's ids.
 
-    Word level: split on whitespace (as lmlab reads corpora), unknown words are
-    `<unk>`, and `<eos>` is both the end of a sentence and, prepended by the
-    post-processor, the start of a prompt: lmlab feeds every prompt after an
-    `<eos>`, as each sentence follows one in training. Each word decodes with
-    its leading space (as GPT-2's byte-level tokens carry theirs), so text
-    decoded from new tokens alone, as transformers' pipeline does, joins its
-    prompt with a space. The one place a new tokenizer kind gets its export.
+    One backend per lmlab kind (`_BACKENDS`, the one place a new tokenizer kind
+    gets its export). In each `<unk>` is the unknown token, and `<eos>` is both
+    the end of a sentence and, prepended by the post-processor, the start of a
+    prompt: lmlab feeds every prompt after an `<eos>`, as each sentence follows
+    one in training.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel(dict(vocab.index), unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.Replace(Regex("^"), " ")
-    tokenizer.post_processor = processors.TemplateProcessing(
+    backend = _BACKENDS[vocab.kind](vocab)
+    backend.post_processor = processors.TemplateProcessing(
         single=f"{EOS} $A", special_tokens=[(EOS, vocab.eos_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=backend,
         unk_token=UNK,
         eos_token=EOS,
         bos_token=EOS,
         pad_token=EOS,
         model_max_length=max_length or 1_000_000,
         clean_up_tokenization_spaces=False,
+        # a char model reads a literal `<unk>` in the text as its five characters
+        split_special_tokens=vocab.kind == "char",
     )
 
 
-def vocabulary_from_tokenizer(folder: Path, name: str) -> Vocabulary:
-    """lmlab's vocabulary from a folder's `tokenizer.json` (read as JSON: no code runs).
+def _word_backend(vocab: Tokenizer) -> Any:
+    """A `WordLevel` model over lmlab's words. Each word decodes with its leading space (as
+    GPT-2's byte-level tokens carry theirs), so text decoded from new tokens alone, as
+    transformers' pipeline does, joins its prompt with a space."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
 
-    The one place a new tokenizer kind gets its import; today a word-level one.
+    backend = Backend(models.WordLevel(dict(vocab.index), unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.Replace(Regex("^"), " ")
+    return backend
+
+
+def _char_backend(vocab: Tokenizer) -> Any:
+    """A `WordLevel` model over lmlab's characters, read as `CharTokenizer` reads a line: its
+    words joined by one `BOUNDARY`, each character a token. Decoding turns `BOUNDARY` back
+    into a space and gives `<eos>` the spaces of a word, as `CharTokenizer.decode` does."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend(models.WordLevel(dict(vocab.index), unk_token=UNK))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Strip(), normalizers.Replace(Regex(r"\s+"), BOUNDARY)]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace(BOUNDARY, " "),
+            decoders.Replace(Regex(f"^{EOS}$"), f" {EOS} "),
+            *_joined_by_single_spaces(),
+        ]
+    )
+    return backend
+
+
+def _joined_by_single_spaces() -> list[Any]:
+    """The decoders that end each of lmlab's decodes: `" ".join(text.split())`."""
+    from tokenizers import Regex, decoders
+
+    return [decoders.Fuse(), decoders.Replace(Regex(" {2,}"), " "), decoders.Strip(" ", 1, 1)]
+
+
+def _bpe_backend(vocab: BPETokenizer) -> Any:
+    """The BPE tokenizer the checkpoint carries (its JSON: vocabulary, merges, `<eos>` and
+    `<unk>` as special tokens, whitespace split), with a decoder that gives
+    `BPETokenizer.decode`'s text: a word's last piece (`</w>`) ends the word, `<eos>` and
+    `<unk>` stand as words, words joined by single spaces."""
+    from tokenizers import Regex, decoders
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(vocab.hf.to_str())
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace(Regex(f"^{EOS}$"), f" {EOS} "),  # a whole token, not a piece's text
+            decoders.Replace(Regex(f"^{UNK}$"), f" {UNK} "),
+            decoders.Replace(Regex(f"{SUFFIX}$"), " "),
+            *_joined_by_single_spaces(),
+        ]
+    )
+    return backend
+
+
+_BACKENDS = {"word": _word_backend, "char": _char_backend, "bpe": _bpe_backend}
+
+
+def tokenizer_from_folder(folder: Path, name: str) -> Tokenizer:
+    """lmlab's tokenizer from a folder's `tokenizer.json` (read as JSON: no code runs).
+
+    A word-level one (`WordLevel` split on whitespace, or, split into characters,
+    `_char_backend`'s) or a BPE one as lmlab writes it (`_bpe_backend`). The one
+    place a new tokenizer kind gets its import.
     """
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"{name} has no {TOKENIZER_FILE}; lmlab needs the model's tokenizer")
     try:
-        model = json.loads(path.read_text())["model"]
+        data = json.loads(path.read_text())
+        model = data["model"]
         kind = model.get("type")
+        ids = model.get("vocab") or {}
+        words = sorted(ids, key=ids.get)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{path} is not a valid tokenizers file: {error}") from None
-    if kind != "WordLevel":
+    if kind not in ("WordLevel", "BPE"):
         raise UserError(
-            f"{path} is a {kind} tokenizer; lmlab reads word-level (WordLevel) tokenizers"
+            f"{path} is a {kind} tokenizer; lmlab reads word-level (WordLevel) tokenizers and "
+            "the BPE ones it writes"
         )
-    ids = model.get("vocab") or {}
-    words = sorted(ids, key=ids.get)
     if [ids[w] for w in words] != list(range(len(words))):
-        raise UserError(f"{path}: the word ids are not 0, 1, 2, ...")
+        raise UserError(f"{path}: the token ids are not 0, 1, 2, ...")
+    if kind == "BPE":
+        return _bpe_from_hf(data, words, path)
+    by_character = (data.get("pre_tokenizer") or {}).get("type") == "Split"
     try:
-        return Vocabulary(words)
+        return (CharTokenizer if by_character else Tokenizer)(Vocabulary(words))
     except ValueError as error:
         raise UserError(f"{path}: {error} (lmlab's word ids 0 and 1)") from None
+
+
+def _bpe_from_hf(data: dict, words: list[str], path: Path) -> BPETokenizer:
+    """lmlab's `BPETokenizer` from the JSON `_bpe_backend` wrote: that JSON without the
+    post-processor and decoder it added (lmlab encodes a line without `<eos>` and decodes
+    by itself), so the tokenizer is again the one the checkpoint carried."""
+    lmlab_made = (
+        data["model"].get("end_of_word_suffix") == SUFFIX
+        and data.get("pre_tokenizer") == {"type": "WhitespaceSplit"}
+        and data.get("normalizer") is None
+    )
+    if not lmlab_made:
+        raise UserError(
+            f"{path} is a BPE tokenizer lmlab did not write (lmlab's splits on whitespace, "
+            f"without a normalizer, and ends a word's last piece with {SUFFIX}); lmlab reads "
+            "word-level tokenizers and its own BPE"
+        )
+    carried = {"kind": "bpe", "hf": {**data, "post_processor": None, "decoder": None}}
+    try:
+        return tokenizer_from_dict(carried, words)
+    except ValueError as error:
+        raise UserError(f"{path}: {error} (lmlab's token ids 0 and 1 are <eos>, <unk>)") from None
 
 
 # ---------------------------------------------------------------------------
@@ -376,11 +479,6 @@ def export_hf(
 ) -> Path:
     """Write `model` and its tokenizer as a transformers folder; return the folder."""
     family = model.config.family
-    if vocab.kind != "word":
-        raise UserError(
-            f"export_format=hf writes word-level tokenizers only so far; this model uses "
-            f"tokenizer={vocab.kind}: export it with export_format=safetensors (the default)"
-        )
     if family not in _ARCHITECTURES:
         raise UserError(
             f"the {family} family has no transformers class; export it with "
@@ -409,9 +507,39 @@ def _weights_bytes(model: nn.Module) -> bytes:
     return safetensors.torch.save(state, metadata={"format": "pt"})
 
 
-def model_card(model: nn.Module, vocab: Vocabulary, source: str | None, folder: Path) -> str:
+# transformers' pipeline decodes the new tokens alone: a word's space is at its end (bpe) or is
+# a token of its own (char), so the first new word is appended to the prompt without it.
+_GLUED = (
+    " The pipeline appends the text of the new tokens to the prompt, which loses the space "
+    "between the prompt and the first new word; `tokenizer.decode` of the whole sequence gives "
+    "lmlab's text."
+)
+# What the model card says of each exported tokenizer kind: its tag, what it is, how it reads text.
+_CARD_TOKENIZER = {
+    "word": (
+        "word-level",
+        "a word-level tokenizer of {size:,} words",
+        "Text is lower-case words split on spaces, as in the training corpus.",
+    ),
+    "char": (
+        "character-level",
+        "a character tokenizer of {size:,} characters (`▁` between words)",
+        "Text is read character by character, `▁` between words; a character the training "
+        "text did not have is `<unk>`." + _GLUED,
+    ),
+    "bpe": (
+        "bpe",
+        "lmlab's BPE tokenizer of {size:,} tokens (no merge across words)",
+        "Text is split on spaces, each word into BPE pieces; a character the training text "
+        "did not have is `<unk>`." + _GLUED,
+    ),
+}
+
+
+def model_card(model: nn.Module, vocab: Tokenizer, source: str | None, folder: Path) -> str:
     """README.md: what the model is, what it was trained on, how well, and how to use it."""
     config = model.config
+    tag, tokenizer, reads = _CARD_TOKENIZER[vocab.kind]
     run = _run_record(source)
     data = run.get("data") or "not recorded beside the checkpoint"
     metrics = run.get("metrics") or "not recorded beside the checkpoint"
@@ -419,13 +547,13 @@ def model_card(model: nn.Module, vocab: Vocabulary, source: str | None, folder: 
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
-tags: [lmlab, {config.family}, word-level]
+tags: [lmlab, {config.family}, {tag}]
 ---
 
 # {folder.name}
 
 A {config.family} language model trained with lmlab, exported as
-`{_ARCHITECTURES[config.family]}` with a word-level tokenizer of {len(vocab):,} words
+`{_ARCHITECTURES[config.family]}` with {tokenizer.format(size=len(vocab))}
 (`<eos>` id 0 ends sentences and starts prompts, `<unk>` id 1).
 Layers: {config.n_layer}, width {config.n_embd}, {size:,} parameters, context {config.block_size}.
 
@@ -442,8 +570,7 @@ print(pipe("the company said", add_special_tokens=True, max_new_tokens=20)[0]["g
 ```
 
 `add_special_tokens=True` puts `<eos>` before the prompt, as lmlab's own
-`generate.py` does. Text is lower-case words split on spaces, as in the
-training corpus. `<unk>` is the tokenizer's unknown token, so text decoded with
+`generate.py` does. {reads} `<unk>` is the tokenizer's unknown token, so text decoded with
 `skip_special_tokens=True` (the pipeline's default) leaves it out.
 
 Model config (lmlab): `{json.dumps(config.to_dict())}`
@@ -495,8 +622,8 @@ def is_hf_folder(path: Path) -> bool:
         return False
 
 
-def import_hf(source: str | Path) -> tuple[nn.Module, Vocabulary]:
-    """The lmlab model (eval mode, CPU) and vocabulary of a local transformers folder."""
+def import_hf(source: str | Path) -> tuple[nn.Module, Tokenizer]:
+    """The lmlab model (eval mode, CPU) and tokenizer of a local transformers folder."""
     name = str(source)
     folder = Path(name.removeprefix(PREFIX)).expanduser()
     if not folder.is_dir():
@@ -522,10 +649,10 @@ def import_hf(source: str | Path) -> tuple[nn.Module, Vocabulary]:
         raise UserError(
             f"{name}: {CONFIG_FILE} does not give a valid {family} model: {error}"
         ) from None
-    vocab = vocabulary_from_tokenizer(folder, name)
+    vocab = tokenizer_from_folder(folder, name)
     if len(vocab) != config.vocab_size:
         raise UserError(
-            f"{name}: the tokenizer has {len(vocab)} words but vocab_size is {config.vocab_size}"
+            f"{name}: the tokenizer has {len(vocab)} tokens but vocab_size is {config.vocab_size}"
         )
     model = build_model(config)
     try:
