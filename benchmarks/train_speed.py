@@ -29,6 +29,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lmlab.compilation import Measurement, decide
 from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
 from lmlab.machine import machine_line
@@ -39,6 +40,8 @@ VOCAB_SIZE = 10_000
 SEQ_LEN = 64
 BATCH_SIZE = 32
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The run length the default row stands for: ptb_5min's budget, the shortest recipe.
+DEFAULT_RUN_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,15 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.step_starts: list[float] = []
+        self.train_start = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train_start = time.perf_counter()
+
+    @property
+    def warmup_seconds(self) -> float:
+        """The warm-up steps' time: with compile=true, the compile's too."""
+        return self.step_starts[0] - self.train_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.warmup:
@@ -155,8 +167,9 @@ class StepTimer(L.Callback):
         self.step_starts.append(time.perf_counter())
 
 
-def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
-    """Tokens/s of lmlab's LanguageModel in a Lightning Trainer, as train.py builds them."""
+def lightning_loop(variant: Variant, warmup: int, steps: int) -> tuple[float, float]:
+    """Tokens/s of lmlab's LanguageModel in a Lightning Trainer, as train.py builds them,
+    and the seconds its warm-up steps took."""
     torch.manual_seed(0)
     module = LanguageModel(
         model_config(),
@@ -182,7 +195,7 @@ def lightning_loop(variant: Variant, warmup: int, steps: int) -> float:
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return tokens_per_second(timer.step_starts)
+    return tokens_per_second(timer.step_starts), timer.warmup_seconds
 
 
 VARIANTS = [
@@ -195,6 +208,50 @@ VARIANTS = [
     Variant("lightning fp32 compile", "lightning", compile=True),
     Variant("lightning bf16-mixed compile", "lightning", precision="bf16-mixed", compile=True),
 ]
+
+
+def default_variant(
+    variants: list[Variant],
+    precision: str,
+    speeds: dict[str, list[float]],
+    warmups: dict[str, list[float]],
+) -> tuple[str, str]:
+    """The Lightning row train.py's defaults run here, and compile=auto's reason.
+
+    compile=auto's own rule (`lmlab.compilation.compile_pays`), for a run of
+    `DEFAULT_RUN_SECONDS`, on this run's step times and compile time (the compiled
+    variant's warm-up beyond the eager one's).
+    """
+
+    def row(compile: bool) -> Variant | None:
+        return next(
+            (
+                v
+                for v in variants
+                if v.runner == "lightning"
+                and v.precision == precision
+                and v.fused
+                and v.compile == compile
+            ),
+            None,
+        )
+
+    eager, compiled = row(False), row(True)
+    if eager is None:
+        return "", f"not measured (no {precision} rows in this run)"
+    if compiled is None:
+        return eager.name, "not measured (--no-compile)"
+    step = {
+        v.name: BATCH_SIZE * SEQ_LEN / statistics.median(speeds[v.name]) for v in (eager, compiled)
+    }
+    warm = {v.name: statistics.median(warmups[v.name]) for v in (eager, compiled)}
+    measured = Measurement(
+        eager_step=step[eager.name],
+        compiled_step=step[compiled.name],
+        compile_seconds=max(0.0, warm[compiled.name] - warm[eager.name]),
+    )
+    choice = decide(DEFAULT_RUN_SECONDS, measured)
+    return (compiled if choice.compile else eager).name, choice.reason
 
 
 def main() -> None:
@@ -218,19 +275,12 @@ def main() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
 
     config = model_config()
-    # What train.py's defaults (trainer.precision=auto, compile=false) run on this machine:
+    # What train.py's default precision (trainer.precision=auto) runs on this machine:
     # measured afresh, not read from a user's cache.
     with tempfile.TemporaryDirectory() as cache_dir:
         default = choose_precision("auto", "cpu", config.n_embd, cache_dir)
-    default_name = next(
-        v.name
-        for v in VARIANTS
-        if v.runner == "lightning"
-        and v.precision == default.precision
-        and v.fused
-        and not v.compile
-    )
     speeds: dict[str, list[float]] = {v.name: [] for v in variants}
+    warmups: dict[str, list[float]] = {v.name: [] for v in variants}
     peaks: dict[str, list[float]] = {name: [] for name in MATMUL_DTYPES}
     for _ in range(rounds):
         for variant in variants:
@@ -238,10 +288,15 @@ def main() -> None:
             # drift (clock, other tenants) weighs on the peak as on the steps.
             dtype = variant.matmul_dtype
             peaks[dtype].append(matmul_peak(MATMUL_DTYPES[dtype]))
-            run = plain_loop if variant.runner == "plain" else lightning_loop
-            speeds[variant.name].append(run(variant, warmup, steps))
+            if variant.runner == "plain":
+                speeds[variant.name].append(plain_loop(variant, warmup, steps))
+            else:
+                speed, warm = lightning_loop(variant, warmup, steps)
+                speeds[variant.name].append(speed)
+                warmups[variant.name].append(warm)
 
     peak = {k: statistics.median(v) for k, v in peaks.items() if v}
+    default_name, compiled = default_variant(variants, default.precision, speeds, warmups)
     reference = statistics.median(speeds[VARIANTS[0].name])
     # Lightning's overhead: against the plain loop doing the same work (dtype, loss, AdamW).
     plain_by_setup = {
@@ -278,6 +333,7 @@ def main() -> None:
         name = variant.name + (" (default)" if variant.name == default_name else "")
         print(f"{name:34} {speed:9.0f} {mfu:6.1%} {speed / reference:12.3f} {ratio_same:>19}")
     print(f"default: trainer.precision=auto chose {default.precision} ({default.reason})")
+    print(f"default: compile=auto, for a {DEFAULT_RUN_SECONDS:.0f} s run: {compiled}")
     fastest = max(variants, key=lambda v: statistics.median(speeds[v.name]))
     if default_name in speeds:
         ratio = statistics.median(speeds[default_name]) / statistics.median(speeds[fastest.name])

@@ -112,3 +112,23 @@ def test_attention_speed_prints_every_variant_in_both_dtypes():
     for name in ("SDPA, its own kernel choice", "SDPA, math backend", "lmlab causal_attention"):
         rows = [line for line in lines if line.startswith(name)]
         assert len(rows) == 2 and all(float(row.split()[-2]) > 0 for row in rows)
+
+
+def test_train_speed_marks_the_row_compile_auto_would_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks/train_speed.py")
+    train_speed = importlib.util.module_from_spec(spec)
+    sys.modules["train_speed"] = train_speed
+    spec.loader.exec_module(train_speed)
+    variants = train_speed.VARIANTS
+    eager, compiled = "lightning bf16-mixed", "lightning bf16-mixed compile"
+    speeds = {v.name: [1000.0] for v in variants}
+    warmups = {v.name: [1.0] for v in variants}
+    speeds[compiled], warmups[compiled] = [2000.0], [11.0]  # 2x the steps, 10 s to compile
+    name, reason = train_speed.default_variant(variants, "bf16-mixed", speeds, warmups)
+    assert name == compiled and "2.00x eager" in reason and "compile 0:00:10" in reason
+    warmups[compiled] = [1000.0]  # a compile longer than the 300 s run
+    name, reason = train_speed.default_variant(variants, "bf16-mixed", speeds, warmups)
+    assert name == eager and "would not gain" in reason
+    fp32_only = [v for v in variants if not v.compile]
+    assert train_speed.default_variant(fp32_only, "32-true", speeds, warmups)[0] == "lightning fp32"
