@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -190,20 +191,46 @@ def python_path(env: dict[str, str]) -> str:
     )
 
 
+_FORK_SERVERS: dict[str, Any] = {}  # script -> forkserver.ForkServer, one per session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_fork_servers() -> Iterator[None]:
+    yield
+    for server in _FORK_SERVERS.values():
+        server.close()
+        shutil.rmtree(server.scratch, ignore_errors=True)
+
+
 def run_entry_point(
     script: str, *overrides: str, env: dict[str, str] | None = None, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    """Run a root entry point (train.py, generate.py, eval.py) as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = python_path(full_env)
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+) -> Any:
+    """Run a root entry point (train.py, generate.py, eval.py) as a user would.
+
+    The run is a fork of a process that imported torch, Lightning and Hydra once
+    (tests/forkserver.py): the code path of `python SCRIPT ...`, exit status and
+    signals included, without paying seconds of imports in every test. An `env`
+    that sets PYTHONPATH gets a new process, since the server imported with the session's.
+    """
+    if env is not None and "PYTHONPATH" in env:
+        full_env = {**os.environ, **env}
+        full_env["PYTHONPATH"] = python_path(full_env)
+        return subprocess.run(
+            [sys.executable, str(ROOT / script), *overrides],
+            cwd=ROOT,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    if script not in _FORK_SERVERS:
+        import tempfile
+
+        from forkserver import ForkServer
+
+        scratch = Path(tempfile.mkdtemp(prefix="lmlab-fork-"))
+        _FORK_SERVERS[script] = ForkServer(script, scratch)
+    return _FORK_SERVERS[script].run(*overrides, env=env, timeout=timeout)
 
 
 def console_scripts() -> dict[str, str]:
