@@ -42,6 +42,7 @@ class KVCache:
         # Leading padding slots per row (B,), for prompts of different lengths left-padded
         # into one batch; None: no row is padded. Row r's real tokens start at offset[r].
         self.offset: Tensor | None = None
+        # Chosen before the first forward (`position` follows `length` only in a static cache).
         self.static = self.keys.device.type != "cpu" if static is None else static
         # `length` as a 0-d tensor on the device, advanced with it: what a static step reads.
         self.position = torch.zeros((), dtype=torch.long, device=self.keys.device)
@@ -85,7 +86,8 @@ class KVCache:
     def advance(self, steps: int) -> None:
         """Count `steps` positions as filled (every layer has written them)."""
         self.length += steps
-        self.position += steps  # on the device: no host sync, the same tensor for a graph
+        if self.static:  # on the device: no host sync, the same tensor for a graph
+            self.position += steps
 
     def reorder(self, index: Tensor, keep: int = 0) -> None:
         """Keep batch rows `index` (in that order), e.g. the surviving beams.
