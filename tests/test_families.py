@@ -268,3 +268,73 @@ def test_a_mixed_length_batch_decodes_each_prompt_as_it_would_alone(name: str) -
             torch.testing.assert_close(
                 batched[row], model(prompt[None])[0, -1], rtol=1e-5, atol=1e-5
             )
+
+
+TRANSFORMERS = ["tiny", "llama_tiny"]  # the families whose state is a KV cache
+
+
+def static_cache(model: torch.nn.Module, batch_size: int, max_len: int | None = None):
+    cache = model.new_state(batch_size, max_len=max_len)
+    cache.static = True  # what an accelerator gets by default; the CPU keeps the sliced view
+    return cache
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_a_static_kv_cache_gives_the_logits_of_recomputing_at_every_step(name: str) -> None:
+    model = tiny(name, seed=7)
+    idx = tokens((3, 14), seed=9)
+    rows = torch.tensor([2, 2, 0])  # beams: row 2 survives twice, row 1 dies
+    with torch.no_grad():
+        cache = static_cache(model, 3)
+        keys = cache.keys.data_ptr()
+        steps = [model(idx[:, :5], state=cache)[:, -1]]
+        for i in range(5, 8):
+            steps.append(model(idx[:, i : i + 1], state=cache)[:, -1])
+        expected = [model(idx[:, : i + 1])[:, -1] for i in range(4, 8)]
+        cache.reorder(rows)
+        history = torch.cat([idx[rows, :8], idx[:, 8:]], dim=1)
+        for i in range(8, 14):
+            steps.append(model(history[:, i : i + 1], state=cache)[:, -1])
+            expected.append(model(history[:, : i + 1])[:, -1])
+    assert cache.keys.data_ptr() == keys  # the same buffers throughout, as a graph needs
+    for got, want in zip(steps, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_a_static_kv_cache_reads_left_padded_rows_as_each_prompt_alone(name: str) -> None:
+    model = tiny(name, seed=8)
+    prompts = [tokens((1, n), seed=n)[0] for n in (3, 6)]
+    batch = torch.zeros(2, 6, dtype=torch.long)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    batch[0, 3:], pad[0, :3], batch[1] = prompts[0], True, prompts[1]
+    more = tokens((2, 4), seed=10)
+    with torch.no_grad():
+        cache = static_cache(model, 2)
+        model(batch, state=cache, pad_mask=pad)
+        steps = torch.cat([model(more[:, i : i + 1], state=cache) for i in range(4)], dim=1)
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, more[row]])[None])[0, -4:]
+            torch.testing.assert_close(steps[row], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_a_static_kv_cache_shifts_its_window_and_overflows_as_the_sliced_one(name: str) -> None:
+    # What decoding does past the cache's size (lmlab.decoding): empty it, prefill the newest
+    # half, go on; both caches must agree at every step, and both refuse to overflow.
+    model = tiny(name, seed=9)
+    idx = tokens((2, 24), seed=11)
+    logits = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.new_state(2, max_len=12)
+            cache.static = static
+            out = [model(idx[:, :12], state=cache)[:, -1]]
+            with pytest.raises(ValueError, match="KV cache overflow: 13 positions > 12"):
+                model(idx[:, 12:13], state=cache)
+            cache.reset()
+            out.append(model(idx[:, 6:13], state=cache)[:, -1])
+            out += [model(idx[:, i : i + 1], state=cache)[:, -1] for i in range(13, 18)]
+            logits[static] = torch.stack(out)
+            torch.testing.assert_close(logits[static][-1], model(idx[:, 6:18])[:, -1])
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)

@@ -366,6 +366,8 @@ class _Context:
         self.model = model
         self.limit: int | None = context or model.max_context
         self.pad = pad  # (B, total_len), True at padding; None: no row is padded
+        # Padding is left-aligned: columns from here on hold none (read once, not every step).
+        self.padded_columns = 0 if pad is None else int(pad.sum(1).max())
         self.state: State | None = None
         self.capacity: int | None = None  # positions the state holds; None: any number
         self.seen = 0  # tokens of the sequence the state already holds, counted from its start
@@ -379,9 +381,7 @@ class _Context:
 
     def _read(self, tokens: Tensor, begin: int, end: int) -> Tensor:
         """The model's logits for tokens [begin, end) of the sequence, its padding marked."""
-        pad = None if self.pad is None else self.pad[:, begin:end]
-        if pad is not None and not bool(pad.any()):
-            pad = None
+        pad = None if begin >= self.padded_columns else self.pad[:, begin:end]
         return self.model(tokens[:, begin:end], state=self.state, pad_mask=pad)
 
     def logits(self, tokens: Tensor) -> Tensor:
@@ -409,14 +409,16 @@ class _Context:
         `tokens` (B, n) is the sequence so far, before the reorder. Two rows whose cached
         tokens agree up to some position hold the same keys and values up to there (up to
         float rounding between batch rows), so a KV cache copies only what follows the
-        first position where a row and its source differ.
+        first position where a row and its source differ. Finding that position reads
+        the tokens on the host, free on the CPU; on an accelerator it would wait for the
+        device every step, so there every row is copied whole, on the device.
         """
         if self.pad is not None:
             self.pad = self.pad[index]
         if self.state is None:
             return
         keep = 0
-        if index.numel() == tokens.size(0):
+        if index.numel() == tokens.size(0) and tokens.device.type == "cpu":
             window = tokens[:, self.seen - self.state.length : self.seen]
             differs = (window != window[index]).any(dim=0)  # (cached positions,)
             keep = int(differs.int().argmax()) if bool(differs.any()) else self.state.length

@@ -280,22 +280,25 @@ class GPTLM(nn.Module):
         if pos >= cache.max_len:
             raise ValueError(f"KV cache overflow: {pos + 1} positions > {cache.max_len}")
         offset = cache.offset
-        where = pos if offset is None else pos - offset  # a row's own position, (B,) if padded
+        if cache.static:  # the position read on the device, the whole buffer attended to
+            where = cache.position.expand(B) if offset is None else cache.position - offset
+            mask = cache.step_mask()  # (1, max_len), or (B, 1, 1, max_len) if padded
+        else:
+            where = pos if offset is None else pos - offset  # a row's own position
+            # every cached slot, or each row's real ones: (B, 1, 1, pos + 1)
+            mask = None if offset is None else visible(pos, 1, offset, idx.device)
         x = self.token_embedding.weight[idx[:, 0]] + self.position_embedding.weight[where]
-        # every cached slot, or each row's real ones: (B, 1, 1, pos + 1)
-        mask = None if offset is None else visible(pos, 1, offset, idx.device)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             h = F.layer_norm(x, (C,), block.ln_attn.weight, block.ln_attn.bias)
             qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).view(B, 3, nh, hd)
-            cache.keys[i, :, :, pos] = qkv[:, 1]
-            cache.values[i, :, :, pos] = qkv[:, 2]
-            y = F.scaled_dot_product_attention(
-                qkv[:, 0, :, None],  # (B, nh, 1, hd)
-                cache.keys[i, :, :, : pos + 1],
-                cache.values[i, :, :, : pos + 1],
-                attn_mask=mask,
-            )
+            if cache.static:
+                k, v = cache.write_step(i, qkv[:, 1, :, None], qkv[:, 2, :, None])
+            else:
+                cache.keys[i, :, :, pos] = qkv[:, 1]
+                cache.values[i, :, :, pos] = qkv[:, 2]
+                k, v = cache.keys[i, :, :, : pos + 1], cache.values[i, :, :, : pos + 1]
+            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v, attn_mask=mask)
             x = x + F.linear(y.view(B, C), attn.proj.weight, attn.proj.bias)
             h = F.layer_norm(x, (C,), block.ln_mlp.weight, block.ln_mlp.bias)
             h = F.gelu(F.linear(h, mlp.fc.weight, mlp.fc.bias))

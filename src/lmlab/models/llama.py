@@ -153,12 +153,16 @@ class Attention(nn.Module):
                 q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped
             )
         else:
-            start = 0
-            if cache is not None:
-                start = cache.length
-                k, v = cache.update(self.layer, k, v)  # (B, nkv, start + T, hd)
-            # query i sits at position start + i and sees positions <= start + i
-            mask = visible(start, T, offset, x.device)
+            if cache is not None and cache.static and T == 1:  # static shapes: whole buffer
+                k, v = cache.write_step(self.layer, k, v)  # (B, nkv, max_len, hd)
+                mask = cache.step_mask()
+            else:
+                start = 0
+                if cache is not None:
+                    start = cache.length
+                    k, v = cache.update(self.layer, k, v)  # (B, nkv, start + T, hd)
+                # query i sits at position start + i and sees positions <= start + i
+                mask = visible(start, T, offset, x.device)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=grouped
             )
@@ -268,7 +272,10 @@ class LlamaLM(nn.Module):
         offset = pad_mask.sum(1) if state is None and pad_mask is not None else None
         if state is not None:
             offset = state.start_rows(pad_mask)
-        where = positions(start, T, offset, idx.device)
+        if state is not None and state.static and T == 1:  # read on the device, for a graph
+            where = state.position.view(1) if offset is None else (state.position - offset)[:, None]
+        else:
+            where = positions(start, T, offset, idx.device)
         cos, sin = rope_tables(self.config.head_dim, where, self.config.rope_theta)
         x = self.dropout(self.token_embedding(idx))  # (B, T, C)
         for block in self.blocks:
