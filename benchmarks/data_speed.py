@@ -117,12 +117,14 @@ def training_run(data_dir: str, cache: str, run_dir: str) -> tuple[float, float]
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]
+    log = Path(run_dir).with_suffix(".stderr")  # a file, not a pipe nobody reads while it runs
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the others'
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the others'
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"train.py failed:\n{process.stderr.read().decode()[-3000:]}")
+        raise SystemExit(f"train.py failed:\n{log.read_text()[-3000:]}")
     return seconds, usage.ru_maxrss / 1024
 
 
