@@ -10,17 +10,21 @@ the `small` model's training steps per second, measured in the same run.
 
 --synthetic-words N: a Zipfian corpus of N training words (and N / 100 for validation and
 test, at least 1,000), vocabulary --synthetic-vocab, lines of 20 words, written by the
-script into a temporary folder; then preparation cold and warm, and a training process (the
-`small` model, a few steps from the memory-mapped store), each in a fresh process whose
-wall time and peak resident memory are reported.
+script into a temporary folder; then preparation cold and warm, each in a fresh process,
+and a real training run (`python train.py model=small data=text ...`, a few steps from the
+memory-mapped store, default precision, sanity validation, callbacks; no logger, no test),
+each with its wall time and peak resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,9 +34,12 @@ import torch
 import yaml
 
 from lmlab.data import LMDataModule
+from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data" / "ptb.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "data" / "ptb.yaml"
+TRAIN_STEPS = 5
 
 
 def datamodule(data_dir: str, cache_dir: str) -> LMDataModule:
@@ -72,34 +79,53 @@ def write_synthetic(folder: Path, words: int, vocab: int, seed: int = 0) -> None
                 left -= n
 
 
-def _child(job: str, data_dir: str, cache: str, queue) -> None:
-    """In a fresh process: prepare (and for `train`, run steps); report (seconds, peak MiB)."""
+def _child(data_dir: str, cache: str, queue) -> None:
+    """In a fresh process: prepare; report (seconds, peak MiB)."""
     start = time.perf_counter()
     dm = LMDataModule(data_dir=data_dir, files=SYNTHETIC, cache_dir=cache, seq_len=64)
     dm.prepare_data()
     dm.setup()
-    if job == "train":
-        model = GPTLM(GPTConfig(vocab_size=len(dm.vocab), block_size=64, **PRESETS["small"]))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for i, (inputs, targets) in enumerate(dm.train_dataloader()):
-            if i == 5:
-                break
-            loss = model(inputs, targets=targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     queue.put((time.perf_counter() - start, peak))
 
 
-def in_fresh_process(job: str, data_dir: str, cache: str) -> tuple[float, float]:
+def in_fresh_process(data_dir: str, cache: str) -> tuple[float, float]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(job, data_dir, cache, queue))
+    process = context.Process(target=_child, args=(data_dir, cache, queue))
     process.start()
     result = queue.get()
     process.join()
     return result
+
+
+def training_run(data_dir: str, cache: str, run_dir: str) -> tuple[float, float]:
+    """`python train.py model=small data=text ...` for TRAIN_STEPS steps, as a user runs it
+    (its imports, sanity validation, callbacks, the default precision); (seconds, peak MiB)."""
+    files = [f"data.files.{split}={name}" for split, name in SYNTHETIC.items()]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "model=small",
+        "data=text",
+        f"data.data_dir={data_dir}",
+        *files,
+        f"data.cache_dir={cache}",
+        f"trainer.max_steps={TRAIN_STEPS}",
+        "trainer.enable_progress_bar=false",
+        "test=false",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    log = Path(run_dir).with_suffix(".stderr")  # a file, not a pipe nobody reads while it runs
+    start = time.perf_counter()
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the others'
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"train.py failed:\n{log.read_text()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def synthetic(words: int, vocab: int) -> None:
@@ -107,9 +133,10 @@ def synthetic(words: int, vocab: int) -> None:
         start = time.perf_counter()
         write_synthetic(Path(folder), words, vocab)
         written = time.perf_counter() - start
-        cold = in_fresh_process("prepare", folder, cache)
-        warm = in_fresh_process("prepare", folder, cache)
-        train = in_fresh_process("train", folder, cache)
+        cold = in_fresh_process(folder, cache)
+        warm = in_fresh_process(folder, cache)
+        train = training_run(folder, cache, str(Path(folder) / "run"))
+    print(machine_line())
     print(f"synthetic Zipfian corpus: {words:,} training words, vocabulary {vocab:,}")
     print(f"{'what':44} {'seconds':>10} {'peak MiB':>10}")
     print("-" * 66)
@@ -117,7 +144,7 @@ def synthetic(words: int, vocab: int) -> None:
     for name, (seconds, peak) in (
         ("prepare cold (empty cache), fresh process", cold),
         ("prepare warm (from cache), fresh process", warm),
-        ("training process: setup + 5 small steps", train),
+        (f"train.py model=small, {TRAIN_STEPS} steps", train),
     ):
         print(f"{name:44} {seconds:10.2f} {peak:10.0f}")
 

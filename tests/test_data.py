@@ -46,6 +46,7 @@ def test_the_memory_mapped_store_serves_the_batches_of_the_in_memory_blocks(corp
     assert isinstance(store, np.memmap) and store.dtype == np.uint16  # 65 words fit in 16 bits
     inputs, targets = in_memory_blocks(ids(store), 16, pad_last=False)
     loader = dm.train_dataloader()
+    assert loader.dataset.tokens is store  # batches gather from the file: no copy of the split
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)
         batches = list(loader)

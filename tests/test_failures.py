@@ -219,6 +219,16 @@ def test_non_finite_weights_are_never_written(tmp_path: Path) -> None:
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
+def test_finite_weights_whose_sum_overflows_are_written_and_one_infinity_is_not(
+    tmp_path: Path,
+) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(_checkpoint(3e38), path)  # finite, but their float32 sum is inf
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].isfinite().all()
+    with pytest.raises(UserError, match="weights are not finite at step 2 \\(w\\)"):
+        io.save_checkpoint(_checkpoint(float("inf"), step=2), path)
+
+
 def test_stale_temporary_checkpoints_are_removed_before_training(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
     folder.mkdir()

@@ -225,3 +225,43 @@ def test_only_chunks_whose_logits_could_overflow_exp_are_shifted(monkeypatch):
     torch.testing.assert_close(
         torch.autograd.grad(fused, hidden)[0], torch.autograd.grad(plain, hidden)[0]
     )
+
+
+def test_a_large_vocabulary_gets_fewer_rows_per_chunk_and_ptb_keeps_512():
+    assert lmlab.loss.rows_per_chunk(10_000, torch.float32) == lmlab.loss.CHUNK_ROWS == 512
+    assert lmlab.loss.rows_per_chunk(32_000, torch.float32) == 512  # a BPE vocabulary
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = lmlab.loss.rows_per_chunk(250_000, dtype)
+        assert 16 <= rows < 512 and rows * 250_000 * dtype.itemsize <= lmlab.loss.CHUNK_BYTES
+    assert lmlab.loss.rows_per_chunk(10**9, torch.float32) == 16  # never fewer
+
+
+def test_the_default_chunking_by_bytes_gives_the_same_loss_and_gradients(monkeypatch):
+    hidden, weight, targets = problem(53, torch.float64)
+    monkeypatch.setattr(lmlab.loss, "CHUNK_BYTES", 16 * 37 * 8)  # 16 rows of 37 float64 logits
+    assert lmlab.loss.rows_per_chunk(37, torch.float64) == 16  # four chunks, the last short
+    fused = linear_cross_entropy(hidden, weight, targets)
+    fused_grads = torch.autograd.grad(fused, (hidden, weight))
+    plain = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_bf16_gradient_added_a_slice_of_rows_at_a_time_is_the_same(monkeypatch, with_bias):
+    hidden, weight, targets = problem(53, torch.float32)
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    bias = bias if with_bias else None
+    params = (hidden, weight) + ((bias,) if with_bias else ())
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16, bias=bias)
+        return torch.autograd.grad(loss, params)
+
+    whole = grads()
+    monkeypatch.setattr(lmlab.loss, "ACCUMULATE_ROWS", 8)  # 37 rows: five slices, one short
+    for got, want in zip(grads(), whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -134,13 +134,16 @@ class BlockBatches(Sampler[list[int]]):
         if epoch != self.epoch:
             self.epoch, self.start = epoch, 0
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self) -> Tensor | list[list[int]]:
+        """This rank's batches of the epoch: training's as one (batches, batch_size) tensor,
+        made a list one batch at a time by `__iter__` (as Python ints the whole epoch's
+        indices were 64 MiB at 100M words), evaluation's as lists."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_blocks, generator=generator)
             per_rank = self.num_blocks // self.world_size // self.batch_size
             mine = order[self.rank :: self.world_size][: per_rank * self.batch_size]
-            return mine.view(per_rank, self.batch_size).tolist()
+            return mine.view(per_rank, self.batch_size)
         order = torch.arange(self.num_blocks)
         batches = [b.tolist() for b in order.split(self._eval_size)]
         mine = batches[self.rank :: self.world_size]
@@ -161,7 +164,8 @@ class BlockBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self.start = self.start, 0
-        yield from self._batches()[start:]
+        for batch in self._batches()[start:]:
+            yield batch.tolist() if isinstance(batch, Tensor) else batch
 
     def __len__(self) -> int:
         if self.shuffle:

@@ -81,11 +81,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def refuse_non_finite(checkpoint: dict[str, Any], path: Path) -> None:
     """Raise instead of writing weights that are NaN or infinite."""
     for name, value in checkpoint.get("state_dict", {}).items():
-        if isinstance(value, Tensor) and value.is_floating_point() and not value.isfinite().all():
+        if isinstance(value, Tensor) and value.is_floating_point() and not all_finite(value):
             step = checkpoint.get("global_step", "?")
             raise UserError(
                 f"weights are not finite at step {step} ({name}); {path} was not written"
             )
+
+
+def all_finite(value: Tensor) -> bool:
+    """Whether no element is NaN or infinite.
+
+    A sum is finite only where every element is (NaN and infinities carry through it), and
+    it makes no temporary: `isfinite()` of a 250,000 x 256 embedding makes 430 MiB of them,
+    a third more than the whole `small` model at that vocabulary. A sum that overflows
+    from finite elements is checked element by element.
+    """
+    return bool(value.sum().isfinite()) or bool(value.isfinite().all())
 
 
 def prepare_checkpoint_dirs(callbacks: Iterable[Any]) -> None:

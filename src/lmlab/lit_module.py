@@ -94,6 +94,17 @@ class LanguageModel(L.LightningModule):
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # The first batch of an optimizer step (of its accumulation window) drops the last
+        # step's gradients before its forward pass. Lightning drops them only after
+        # training_step, and the fused loss (lmlab.loss) computes the output layer's new
+        # gradient in that forward, so both would be held at once: one vocab x n_embd tensor
+        # more (244 MiB for `small` at a 250,000-word vocabulary). Callbacks still see the
+        # gradients in on_train_batch_end. The same gradients either way.
+        if self.automatic_optimization and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            for optimizer in self.trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._score(batch, "val", self.val_ppl, self.val_text)
 
