@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from lmlab.callbacks import ModelFiles, find_callback
 from lmlab.checkpoint import checkpoint_metadata
+from lmlab.compilation import AUTO, CompileWherePays
 from lmlab.config import check_train_config, instantiate_each
 from lmlab.distributed import (
     SameConfigOnAllRanks,
@@ -29,7 +30,6 @@ from lmlab.failsafe import (
     run_callbacks,
     stop_on_signals,
 )
-from lmlab.compilation import AUTO, CompileWherePays
 from lmlab.finetune import freeze, initialise_from
 from lmlab.lit_module import LanguageModel
 from lmlab.loggers import log_config
