@@ -43,7 +43,9 @@ def test_the_choice_says_why() -> None:
     assert not short.compile and "too short to pay" in short.reason
     long = decide(3600.0, HALF_TIME, how="cached")
     assert long.compile
-    assert "compiled steps run at 2.00x eager here (cached: 1000.0 ms against 500.0 ms" in long.reason
+    assert (
+        "compiled steps run at 2.00x eager here (cached: 1000.0 ms against 500.0 ms" in long.reason
+    )
     assert "compile 0:00:10" in long.reason
     slow = decide(20.0, HALF_TIME)
     assert not slow.compile and "would not gain 1.05x" in slow.reason
