@@ -197,6 +197,9 @@ _FORK_SERVERS: dict[str, Any] = {}  # script -> forkserver.ForkServer, one per s
 @pytest.fixture(scope="session", autouse=True)
 def _close_fork_servers() -> Iterator[None]:
     yield
+    for server in _FORK_SERVERS.values():  # all told to stop first: they shut down together
+        if server.process.stdin is not None:
+            server.process.stdin.close()
     for server in _FORK_SERVERS.values():
         server.close()
         shutil.rmtree(server.scratch, ignore_errors=True)
