@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -51,9 +52,23 @@ def test_the_choice_says_why() -> None:
     assert not slow.compile and "would not gain 1.05x" in slow.reason
 
 
-def _fit(module, tmp_path: Path, choice: CompileWherePays, *callbacks, steps: int = 3) -> None:
+class _StopAfter(L.Callback):
+    """Ends after `steps` optimizer steps a run that plans many more."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        trainer.should_stop = trainer.global_step >= self.steps
+
+
+def _fit(
+    module, tmp_path: Path, choice: CompileWherePays, *callbacks, steps: int = 3, plan: int = 3
+) -> None:
+    """Train `steps` steps of a run that plans `plan` (its length as compile=auto sees it)."""
     torch.manual_seed(1)  # the same dropout masks for every run (tiny_gpt_module has dropout 0.1)
-    trainer = quiet_trainer(tmp_path, [choice, *callbacks], max_steps=steps, accelerator="cpu")
+    callbacks = [choice, *callbacks, _StopAfter(steps)]
+    trainer = quiet_trainer(tmp_path, callbacks, max_steps=plan, accelerator="cpu")
     trainer.fit(module, random_batches(steps, vocab=32, seed=0))
 
 
@@ -63,6 +78,13 @@ def test_a_short_run_stays_eager_without_measuring_the_compile(tmp_path: Path) -
     assert choice.choice is not None and not choice.choice.compile
     assert "too short to pay" in choice.choice.reason
     assert not (tmp_path / "cache" / CACHE_FILE).exists()  # nothing measured, nothing cached
+
+
+def test_a_budget_never_lengthens_a_run_past_its_steps(tmp_path: Path) -> None:
+    choice = CompileWherePays(tmp_path / "cache")
+    _fit(tiny_gpt_module(32, 1e-3), tmp_path, choice, TimeBudget(seconds=10 * MIN_RUN_SECONDS))
+    assert not choice.choice.compile and "too short to pay" in choice.choice.reason
+    assert not (tmp_path / "cache" / CACHE_FILE).exists()  # 3 steps: nothing measured
 
 
 def test_a_family_that_does_not_compile_is_never_measured(tmp_path: Path) -> None:
@@ -80,10 +102,11 @@ def test_a_long_run_measures_once_caches_and_measuring_changes_nothing_it_comput
 ) -> None:
     cache = tmp_path / "cache"
     long_run = TimeBudget(seconds=10 * MIN_RUN_SECONDS)  # planned length: the budget
+    plan = 10**9  # steps: the budget is the shorter
     first, second = CompileWherePays(cache), CompileWherePays(cache)
     measured_run, cached_run = tiny_gpt_module(32, 1e-2), tiny_gpt_module(32, 1e-2)
     keys = list(measured_run.state_dict())
-    _fit(measured_run, tmp_path / "a", first, long_run)
+    _fit(measured_run, tmp_path / "a", first, long_run, plan=plan)
     stored = json.loads((cache / CACHE_FILE).read_text())
     assert len(stored) == 1
     [(key, values)] = stored.items()
@@ -91,7 +114,7 @@ def test_a_long_run_measures_once_caches_and_measuring_changes_nothing_it_comput
     assert set(values) == {"eager_step", "compiled_step", "compile_seconds"}
     assert "measured:" in first.choice.reason
 
-    _fit(cached_run, tmp_path / "b", second, TimeBudget(seconds=10 * MIN_RUN_SECONDS))
+    _fit(cached_run, tmp_path / "b", second, TimeBudget(seconds=10 * MIN_RUN_SECONDS), plan=plan)
     assert "cached:" in second.choice.reason
     assert second.choice.compile == first.choice.compile
     assert list(measured_run.state_dict()) == keys  # compiled in place: clean checkpoint keys

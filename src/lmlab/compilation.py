@@ -229,12 +229,16 @@ class CompileWherePays(Callback):
 
 
 def planned_seconds(trainer: L.Trainer, eager_step: float) -> float:
-    """The run's length: its time budget, else its planned steps at the eager speed."""
+    """The run's length: its planned steps at the eager speed, or its time budget if shorter.
+
+    A budget only ever cuts a run: `experiment=ptb_5min trainer.max_steps=2` is two steps long.
+    """
+    steps = float(trainer.estimated_stepping_batches)  # inf where neither steps nor epochs end
+    seconds = steps * eager_step * trainer.accumulate_grad_batches
     for callback in trainer.callbacks:
         if isinstance(callback, TimeBudget) and callback.seconds is not None:
-            return callback.seconds
-    steps = trainer.estimated_stepping_batches
-    return float(steps) * eager_step * trainer.accumulate_grad_batches
+            seconds = min(seconds, callback.seconds)
+    return seconds
 
 
 def describe(model: nn.Module) -> str:
