@@ -264,7 +264,7 @@ def main() -> None:
         "--no-bf16", action="store_true", help="skip the bf16 rows (slow where the CPU lacks bf16)"
     )
     args = parser.parse_args()
-    warmup, steps, rounds = (3, 5, 1) if args.quick else (8, args.steps, args.rounds)
+    warmup, steps, rounds = (1, 2, 1) if args.quick else (8, args.steps, args.rounds)
     variants = [
         v
         for v in VARIANTS

@@ -1,6 +1,7 @@
 """The benchmarks the README quotes still run and print every row (timings are not checked)."""
 
 import importlib.util
+import re
 import sys
 
 import pytest
@@ -54,8 +55,16 @@ def test_train_speed_prints_every_variant(monkeypatch):
             rows[name] = line[len(name) :].replace("(default)", "").split()
     assert set(rows) == expected
     assert "default: trainer.precision=auto chose " in result.stdout
+    # MFU is tokens/s x FLOPs per token over the printed peak. Not bounded by 100% here: the
+    # peak and the steps are sampled at different moments of a machine other tests share.
+    peak = float(re.search(r"fp32 matmul peak \(1024\^3\): (\d+) GFLOP/s", result.stdout)[1])
+    flops = float(re.search(r"model FLOPs per token ([\d.]+) M", result.stdout)[1])
     for tokens_per_s, mfu, ratio, _ in rows.values():
-        assert float(tokens_per_s) > 0 and 0 < float(mfu.rstrip("%")) < 100 and float(ratio) > 0
+        tokens_per_s, mfu = float(tokens_per_s), float(mfu.rstrip("%")) / 100
+        assert tokens_per_s > 0 and float(ratio) > 0
+        expected_mfu = tokens_per_s * flops * 1e6 / (peak * 1e9)
+        rounding = expected_mfu * (0.5 / tokens_per_s + 0.05 / flops + 0.5 / peak) + 0.0005
+        assert mfu == pytest.approx(expected_mfu, abs=rounding)
 
 
 def test_loss_speed_prints_every_variant():
