@@ -14,6 +14,8 @@ from lmlab.models.gpt import GPTLM, GPTConfig
 from lmlab.parameters import parameter_counts, parameter_table
 from lmlab.summary import RunSummary, generate_command
 
+from conftest import train_tiny
+
 
 def test_parameter_counts_split_the_model_into_parts():
     config = GPTConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16)
@@ -118,4 +120,27 @@ def test_after_testing_the_best_checkpoint_the_summary_still_names_last_ckpt(one
     assert summary["last_checkpoint"] is not None
     assert Path(summary["last_checkpoint"]).resolve() == (
         one_validation_run / "checkpoints" / "last.ckpt"
+    )
+
+
+@pytest.mark.slow
+def test_summary_counts_the_whole_run_when_the_best_checkpoint_is_earlier(
+    tmp_path, corpus_dir, cache_dir
+):
+    # mode=max keeps the first validation's checkpoint as best (perplexity falls after it),
+    # and the test then loads that earlier state into every callback
+    run_dir = train_tiny(
+        tmp_path / "run",
+        corpus_dir,
+        cache_dir,
+        "callbacks.model_checkpoint.mode=max",
+        "callbacks.samples=null",
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_step"] < summary["steps"]
+    assert summary["tokens_seen"] == summary["steps"] * 8 * 16
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["tokens_seen"] == max(r["tokens"] for r in record if "tokens" in r)
+    assert (
+        summary["train_time_s"] >= max(r["time_s"] for r in record if r["kind"] == "train") - 1e-3
     )
