@@ -8,6 +8,7 @@ tests know exactly how long everything "took".
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def _fit(callbacks: list[Callback], tmp_path: Path, epochs: int = 4, ckpt: Path 
     return trainer, lrs.lrs
 
 
-def test_the_schedule_ends_when_the_budget_does(tmp_path):
+def test_the_schedule_ends_when_the_budget_does(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lmlab.budget")
     clock = Clock()
     # 4 epochs of 50 steps would take 200 s of steps and 4 x 5 s of validation.
     budget = TimeBudget(seconds=100, measure_after=5, measure_steps=10, margin=1.0, clock=clock)
@@ -78,6 +80,10 @@ def test_the_schedule_ends_when_the_budget_does(tmp_path):
     assert lrs[-1] == pytest.approx(0.1 * LR, rel=1e-3)
     assert budget.step_seconds == pytest.approx(1.0)
     assert budget.validation_seconds == pytest.approx(5.0)
+    # the first plan, made before any validation ran, says its validation time is a guess
+    plans = [r.getMessage() for r in caplog.records if "schedule sized" in r.getMessage()]
+    assert "a validation (estimated)" in plans[0]
+    assert "0:00:05 a validation (measured)" in plans[-1]
 
 
 def test_a_fast_machine_ends_with_its_epochs_inside_the_budget(tmp_path):

@@ -117,8 +117,9 @@ class TimeBudget(Callback):
         step = trainer.global_step
         left = self.seconds * self.margin - (self.clock() - self._train_start)
         steps_between = validation_every(trainer)
-        validation = self.validation_seconds
-        if validation is None:
+        validation, how = self.validation_seconds, "measured"
+        if validation is None:  # none has run yet: a share of a step per validation batch
+            how = "estimated"
             batches = sum(_as_count(n) for n in trainer.num_val_batches) or 0
             validation = batches * self.step_seconds * VALIDATION_STEP_SHARE
         # steps * step_time + (steps / steps_between + 1) * validation <= left; the +1 is
@@ -134,11 +135,12 @@ class TimeBudget(Callback):
             resize(config.scheduler, planned)
         if changed and trainer.is_global_zero:
             log.info(
-                "time budget %s: %.1f ms a step, %s a validation; schedule sized to %d steps "
-                "(the epochs allow %d)",
+                "time budget %s: %.1f ms a step, %s a validation (%s); schedule sized to %d "
+                "steps (the epochs allow %d)",
                 format_duration(self.seconds),
                 1000 * self.step_seconds,
                 format_duration(validation),
+                how,
                 planned,
                 allowed,
             )
