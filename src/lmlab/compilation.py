@@ -109,9 +109,8 @@ def decide(
     speedup = measured.eager_step / measured.compiled_step
     facts = (
         f"compiled steps run at {speedup:.2f}x eager here ({how}: "
-        f"eager {measured.eager_step * 1e3:.1f} ms, compiled {measured.compiled_step * 1e3:.1f} ms "
-        f"a step, "
-        f"compile {format_duration(measured.compile_seconds)})"
+        f"eager {measured.eager_step * 1e3:.1f} ms, compiled {measured.compiled_step * 1e3:.1f} "
+        f"ms a step, compile {format_duration(measured.compile_seconds)})"
     )
     if compile_pays(eager_seconds, measured):
         return CompileChoice(True, f"{facts}; {length} finishes sooner compiled")

@@ -69,6 +69,7 @@ class RunRecorder(Callback):
         self._pending: list[tuple[dict[str, Any], Tensor | None]] = []
         self._last_step = -1
         self._recent: deque[tuple[float, int, int]] = deque(maxlen=max(2, window))
+        self._restores = True  # does loading a checkpoint's state continue this record
 
     @property
     def metrics_path(self) -> Path:
@@ -84,6 +85,10 @@ class RunRecorder(Callback):
         return {"tokens_seen": self.tokens_seen, "train_time_s": self._train_time()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Only a resumed fit continues the counts: trainer.test(ckpt_path=best) after fitting
+        # would otherwise rewind them to the best checkpoint's step.
+        if not self._restores:
+            return
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
         self.train_time_s = float(state_dict.get("train_time_s", 0.0))
 
@@ -116,6 +121,9 @@ class RunRecorder(Callback):
         return (t1 - t0) / (step1 - step0) if step1 > step0 else None
 
     # -- hooks ----------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restores = stage == "fit"  # Lightning restores callback state after setup
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_started = time.perf_counter()

@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
@@ -108,9 +107,8 @@ def main(cfg: DictConfig) -> dict:
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
     # before testing: trainer.test(ckpt_path=best) gives the callbacks best.ckpt's state
-    # back, and best.ckpt was written before the last last.ckpt and the last steps
+    # back, and best.ckpt was written before the last last.ckpt
     last_path = checkpoint.last_model_path if checkpoint else ""
-    fitted = fit_figures(trainer)
     test_ppl = math.nan
     if cfg.test:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
@@ -122,7 +120,7 @@ def main(cfg: DictConfig) -> dict:
         else None
     )
     if trainer.is_global_zero:
-        summary = summarize(trainer, output_dir, test_ppl, precision, last_path, fitted)
+        summary = summarize(trainer, output_dir, test_ppl, precision, last_path)
         summary.write(output_dir / SUMMARY_FILE)
         summary.print()
     return {
@@ -133,35 +131,24 @@ def main(cfg: DictConfig) -> dict:
     }
 
 
-def fit_figures(trainer: L.Trainer) -> dict[str, Any]:
-    """What the run's record measured over the whole fit: read before a test rewinds it."""
-    recorder = find_callback(trainer, RunRecorder)
-    if recorder is None:
-        return {}
-    return {
-        "tokens_seen": recorder.tokens_seen,
-        "train_time_s": recorder.train_time_s,
-        "fit_started": recorder.fit_started,
-        "record_dir": recorder.dirpath,
-        "curves": recorder.plot_path,
-    }
-
-
 def summarize(
-    trainer: L.Trainer,
-    output_dir: Path,
-    test_ppl: float,
-    precision: Choice,
-    last_path: str,
-    fitted: dict[str, Any],
+    trainer: L.Trainer, output_dir: Path, test_ppl: float, precision: Choice, last_path: str
 ) -> RunSummary:
-    """The run's summary from its trainer, checkpoint callback and `fit_figures`."""
+    """The run's summary from what its trainer, checkpoint callback and record measured."""
     checkpoint = trainer.checkpoint_callback
+    recorder = find_callback(trainer, RunRecorder)
     sampler = find_callback(trainer, SampleText)
-    figures = dict(fitted)
-    if figures:
-        started = figures.pop("fit_started")
-        figures["wall_time_s"] = None if started is None else time.perf_counter() - started
+    figures = {}
+    if recorder is not None:
+        figures = {
+            "tokens_seen": recorder.tokens_seen,
+            "train_time_s": recorder.train_time_s,
+            "wall_time_s": None
+            if recorder.fit_started is None
+            else time.perf_counter() - recorder.fit_started,
+            "record_dir": recorder.dirpath,
+            "curves": recorder.plot_path,
+        }
     if sampler is not None:
         figures["samples"] = sampler.samples_path
         if sampler.prompts:
