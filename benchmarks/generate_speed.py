@@ -37,14 +37,21 @@ class Case:
     batch_size: int
 
 
-def median_seconds(run: Callable[[int], object], new_tokens: int, repeats: int) -> float:
-    run(4)  # warm-up (allocator, kernel choice, lazy imports), short: no-cache runs are slow
-    times = []
+def median_seconds(
+    runs: dict[str, Callable[[int], object]], new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Each run's median seconds over `repeats`, the runs alternating within each repeat, so
+    that a VM's drift between repeats (batch-1 speed varies by 2x between minutes on some)
+    hits every run alike and their ratios hold."""
+    for run in runs.values():
+        run(4)  # warm-up (allocator, kernel choice, lazy imports), short: no-cache runs are slow
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run(new_tokens)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(new_tokens)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def lmlab_run(
@@ -141,10 +148,15 @@ def main() -> None:
     for case in cases:
         prompt = torch.randint(0, VOCAB_SIZE, (case.batch_size, PROMPT_LEN))
         produced = case.batch_size * new_tokens
-        speeds = {
-            use_cache: produced
-            / median_seconds(lmlab_run(model, case, prompt, use_cache), new_tokens, repeats)
+        runs = {
+            use_cache: lmlab_run(model, case, prompt, use_cache)
             for use_cache in ((True,) if args.cache_only else (True, False))
+        }
+        if reference is not None:
+            runs["hf"] = hf_run(reference, case, prompt)
+        speeds = {
+            name: produced / seconds
+            for name, seconds in median_seconds(runs, new_tokens, repeats).items()
         }
         if False in speeds:
             uncached = f"{speeds[False]:>10.0f}{speeds[True] / speeds[False]:>9.1f}"
@@ -152,10 +164,7 @@ def main() -> None:
             uncached = f"{'-':>10}{'-':>9}"
         line = f"{case.method:<8}{case.batch_size:>6}{speeds[True]:>10.0f}{uncached}"
         if reference is not None:
-            hf_speed = produced / median_seconds(
-                hf_run(reference, case, prompt), new_tokens, repeats
-            )
-            line += f"{hf_speed:>10.0f}{speeds[True] / hf_speed:>10.2f}"
+            line += f"{speeds['hf']:>10.0f}{speeds[True] / speeds['hf']:>10.2f}"
         print(line, flush=True)
     mixed_lengths(model, new_tokens, repeats)
 
@@ -183,8 +192,8 @@ def mixed_lengths(model: GPTLM, new_tokens: int, repeats: int) -> None:
         generate(model, batch, n, temperature=0.0, pad_mask=pad)
 
     produced = len(prompts) * new_tokens
-    by_length = produced / median_seconds(grouped, new_tokens, repeats)
-    together = produced / median_seconds(padded, new_tokens, repeats)
+    seconds = median_seconds({"grouped": grouped, "padded": padded}, new_tokens, repeats)
+    by_length, together = produced / seconds["grouped"], produced / seconds["padded"]
     print(
         f"\n32 prompts of 2 to 40 tokens ({len(groups)} lengths), greedy, {new_tokens} new tokens:"
         f"\n{'one batch per length':<28}{by_length:>10.0f}"

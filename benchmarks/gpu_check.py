@@ -82,16 +82,14 @@ def decode_rows(new_tokens: int = 128, repeats: int = 3) -> list[list[str]]:
     for batch_size in (1, 8):
         case = Case("greedy", batch_size)
         prompt = torch.randint(0, VOCAB_SIZE, (batch_size, PROMPT_LEN), device=CUDA)
-        ours = (
-            batch_size
-            * new_tokens
-            / decode_seconds(lmlab_run(model, case, prompt, True), new_tokens, repeats)
-        )
+        runs = {"lmlab": lmlab_run(model, case, prompt, True)}
+        if reference is not None:
+            runs["hf"] = hf_run(reference.to(CUDA), case, prompt)
+        seconds = decode_seconds(runs, new_tokens, repeats)
+        ours = batch_size * new_tokens / seconds["lmlab"]
         theirs = "transformers not installed"
         if reference is not None:
-            hf = reference.to(CUDA)
-            seconds = decode_seconds(hf_run(hf, case, prompt), new_tokens, repeats)
-            theirs = f"HF {batch_size * new_tokens / seconds:,.0f} tokens/s"
+            theirs = f"HF {batch_size * new_tokens / seconds['hf']:,.0f} tokens/s"
         rows.append([f"greedy decode, batch {batch_size}", f"{ours:,.0f} tokens/s", theirs, ""])
     return rows
 

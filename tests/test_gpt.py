@@ -137,8 +137,9 @@ def test_kv_cache_reorder_copies_only_moved_rows_after_keep():
 
 
 def test_one_position_decode_path_equals_the_module_path():
-    # In eval mode a one-token step with a cache runs functional ops directly; with dropout 0
-    # train mode takes the module path, so the two must agree bit for bit.
+    # In eval mode a one-token step with a cache runs functional ops directly, on transposed
+    # copies of the matrices (another matmul kernel); with dropout 0 train mode takes the
+    # module path, so the two must agree to float32 rounding.
     model = tiny_model()
     idx = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(5))
     steps = {}
@@ -153,7 +154,7 @@ def test_one_position_decode_path_equals_the_module_path():
             assert cache.length == 9
             with pytest.raises(ValueError, match="KV cache overflow: 10 positions > 9"):
                 model(idx[:, :1], state=cache)
-    assert torch.equal(steps[True], steps[False])
+    torch.testing.assert_close(steps[False], steps[True], rtol=1e-6, atol=1e-6)
     # Asked for the loss, a cached one-token step still returns the loss, not logits.
     with torch.no_grad():
         cache = model.new_state(3, max_len=9)
@@ -161,6 +162,29 @@ def test_one_position_decode_path_equals_the_module_path():
         loss = model(idx[:, 8:], state=cache, targets=torch.tensor([[1], [2], [3]]))
     expected = F.cross_entropy(steps[False][:, -1], torch.tensor([1, 2, 3]))
     torch.testing.assert_close(loss, expected)
+
+
+def test_decoding_reads_the_weights_as_they_are_at_each_call():
+    # The one-token step reads transposed copies of the matrices, made once per KV cache: a
+    # decoding call after the weights change (training between two samples) must see the new
+    # weights, not copies left from the call before.
+    from lmlab.decoding import generate
+
+    model = tiny_model()
+    prompt = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(6))
+    before = generate(model, prompt, 12, temperature=0)
+    cache = model.new_state(2, max_len=4)
+    with torch.no_grad():
+        model(prompt, state=cache)
+        model(prompt[:, :1], state=cache)
+        layers, _ = cache.step_weights
+        qkv_t = layers[0][0]
+        assert qkv_t.is_contiguous() and torch.equal(qkv_t, model.blocks[0].attn.qkv.weight.t())
+        for param in model.parameters():
+            param.mul_(-1.5)
+    after = generate(model, prompt, 12, temperature=0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, generate(model, prompt, 12, temperature=0, use_cache=False))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])

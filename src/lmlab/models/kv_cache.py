@@ -46,6 +46,9 @@ class KVCache:
         self.static = self.keys.device.type != "cpu" if static is None else static
         # `length` as a 0-d tensor on the device, advanced with it: what a static step reads.
         self.position = torch.zeros((), dtype=torch.long, device=self.keys.device)
+        # The model's weights in the layout its one-token step reads, made by that step on
+        # first use. A cache belongs to the weights it was filled with, like its keys.
+        self.step_weights: tuple | None = None
 
     @property
     def batch_size(self) -> int:
