@@ -86,6 +86,33 @@ def test_the_schedule_ends_when_the_budget_does(tmp_path, caplog):
     assert "0:00:05 a validation (measured)" in plans[-1]
 
 
+class SlowingTicks(Ticks):
+    """As `Ticks`, but steps take 30% longer from step `after` on (the first steps were fast)."""
+
+    def __init__(self, clock: Clock, step: float, val: float, after: int) -> None:
+        super().__init__(clock, step, val)
+        self.after = after
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.clock.now += self.step * (1.3 if trainer.global_step > self.after else 1.0)
+
+
+def test_the_plan_follows_steps_that_slow_down_after_the_first_measurement(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lmlab.budget")
+    clock = Clock()
+    # Measured at 1.0 s a step over steps 5 to 15; from step 20 on a step takes 1.3 s. A plan
+    # kept from the first measurement would run about 25 s past the budget.
+    budget = TimeBudget(seconds=120, measure_after=5, measure_steps=10, margin=1.0, clock=clock)
+    trainer, lrs = _fit([SlowingTicks(clock, step=1.0, val=0.5, after=20), budget], tmp_path)
+    plans = [r.getMessage() for r in caplog.records if "schedule sized" in r.getMessage()]
+    assert "1000.0 ms a step" in plans[0]
+    assert trainer.global_step == budget.total_steps < 200
+    assert clock.now <= 120 + 1e-9  # inside the budget, the last validation included
+    assert clock.now > 120 - 1.3 - 5.0  # and less than a step and a validation short of it
+    assert lrs[-1] == pytest.approx(0.1 * LR, rel=1e-3)  # the cosine ended at its floor
+    assert 1.0 < budget.step_seconds < 1.3  # the mean over every step since step 5
+
+
 def test_a_fast_machine_ends_with_its_epochs_inside_the_budget(tmp_path):
     clock = Clock()
     budget = TimeBudget(seconds=1000, measure_after=5, measure_steps=10, clock=clock)

@@ -8,8 +8,11 @@ length; the run then stops at that step, with its schedule finished. It never
 plans past what `max_epochs`/`max_steps` allow: on a fast machine the run ends
 with its epochs, inside the budget.
 
-The plan is made again at the end of each validation, from the measured step
-and validation times, so a first guess at the validation's cost is corrected.
+The plan is made again at the end of each validation, from the step time
+measured over every step since the measurement began (validations excluded)
+and the last validation's time, so a first guess at either is corrected: the
+first steps of a run can be several per cent faster or slower than its average
+(2026-12-04: 195.5 ms measured, 210 ms average, for a 6-layer `ptb_small`).
 All ranks follow global rank 0's plan. A resumed run keeps the plan it had
 saved: the time its first part took is not known to it, and keeping the plan
 keeps the schedule what the uninterrupted run had.
@@ -68,7 +71,7 @@ class TimeBudget(Callback):
         self.resumed = False
         self._train_start: float | None = None
         self._measure_start: float | None = None
-        self._measure_paused = 0.0  # validation time inside the measured window
+        self._measure_paused = 0.0  # validation time since the measurement began
         self._first = 0  # the step the measured window starts at
         self._validation_start: float | None = None
 
@@ -89,8 +92,7 @@ class TimeBudget(Callback):
             and self.step_seconds is None
             and step - self._first >= self.measure_steps
         ):
-            spent = self.clock() - self._measure_start - self._measure_paused
-            self.step_seconds = spent / (step - self._first)
+            self.step_seconds = self._mean_step_seconds(step)
             self._plan(trainer)
         self._stop_at_plan(trainer)
 
@@ -103,11 +105,19 @@ class TimeBudget(Callback):
             return
         took = self.clock() - self._validation_start
         self._validation_start = None
-        if self._measure_start is not None and self.step_seconds is None:
+        if self._measure_start is not None:
             self._measure_paused += took
         self.validation_seconds = took
         if self.step_seconds is not None and not self.resumed and not trainer.should_stop:
+            self.step_seconds = self._mean_step_seconds(trainer.global_step)
             self._plan(trainer)
+
+    def _mean_step_seconds(self, step: int) -> float:
+        """Seconds a training step has taken since the measurement began, validations not
+        counted (the time between them, checkpoints and samples, is)."""
+        assert self._measure_start is not None
+        spent = self.clock() - self._measure_start - self._measure_paused
+        return spent / max(1, step - self._first)
 
     # -- plan -------------------------------------------------------------------
 
