@@ -2,6 +2,7 @@
 
     python benchmarks/generate_speed.py            # 256 new tokens, median of 3 runs
     python benchmarks/generate_speed.py --quick    # a smoke run of a few seconds
+    python benchmarks/generate_speed.py --layouts  # also the step on nn.Linear's weight layout
 
 Speeds are new tokens per second over the whole batch: batch x new tokens / seconds (for beam
 search, tokens of the returned sequences, not of every beam). Where `transformers` is
@@ -115,6 +116,11 @@ def main() -> None:
     parser.add_argument(
         "--cache-only", action="store_true", help="skip the (slow) rows without the KV cache"
     )
+    parser.add_argument(
+        "--layouts",
+        action="store_true",
+        help="also time the one-token step on nn.Linear's own weight layout against its copies",
+    )
     args = parser.parse_args()
     new_tokens, repeats = (16, 1) if args.quick else (args.new_tokens, args.repeats)
     if args.threads is not None:
@@ -167,6 +173,41 @@ def main() -> None:
             line += f"{speeds['hf']:>10.0f}{speeds[True] / speeds['hf']:>10.2f}"
         print(line, flush=True)
     mixed_lengths(model, new_tokens, repeats)
+    if args.layouts:
+        layouts(model, new_tokens, repeats)
+
+
+class LinearLayout(GPTLM):
+    """lmlab's model with the one-token step reading views of `nn.Linear`'s (out, in)
+    weights instead of `_step_weights`' transposed copies: the step as it was before them."""
+
+    def _step_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+        layers = [
+            tuple(
+                linear.weight.detach().t()
+                for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)
+            )
+            for block in self.blocks
+        ]
+        return layers, self.lm_head.weight.detach().t()
+
+
+def layouts(model: GPTLM, new_tokens: int, repeats: int) -> None:
+    """Speed of the step on transposed copies over the same step on `nn.Linear`'s layout."""
+    original = LinearLayout(model.config).eval()
+    original.load_state_dict(model.state_dict())
+    print(f"\n{'method':<8}{'batch':>6}{'copies':>10}{'layout':>10}{'copies x':>10}")
+    for case in [Case(method, b) for method in ("greedy", "beam4") for b in (1, 8)]:
+        prompt = torch.randint(0, VOCAB_SIZE, (case.batch_size, PROMPT_LEN))
+        runs = {"copies": lmlab_run(model, case, prompt, True)}
+        runs["layout"] = lmlab_run(original, case, prompt, True)
+        seconds = median_seconds(runs, new_tokens, repeats)
+        copies, layout = (case.batch_size * new_tokens / seconds[k] for k in ("copies", "layout"))
+        print(
+            f"{case.method:<8}{case.batch_size:>6}{copies:>10.0f}{layout:>10.0f}"
+            f"{copies / layout:>10.2f}",
+            flush=True,
+        )
 
 
 def mixed_lengths(model: GPTLM, new_tokens: int, repeats: int) -> None:

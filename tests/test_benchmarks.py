@@ -12,10 +12,21 @@ pytestmark = pytest.mark.slow
 
 
 def test_generate_speed_prints_every_method_and_batch():
-    result = run_entry_point("benchmarks/generate_speed.py", "--quick", "--no-hf")
+    result = run_entry_point("benchmarks/generate_speed.py", "--quick", "--no-hf", "--layouts")
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [line.split() for line in result.stdout.splitlines()]
+    main, layout_table = result.stdout.split("\n32 prompts")  # --layouts prints its table last
+    lines = [line.split() for line in main.splitlines()]
     rows = {(w[0], w[1]): w[2:] for w in lines if w and w[0] in ("greedy", "sample", "beam4")}
+    layout_lines = [line.split() for line in layout_table.splitlines()]
+    layout_rows = [w for w in layout_lines if w and w[0] in ("greedy", "beam4")]
+    assert [(w[0], w[1]) for w in layout_rows] == [
+        (m, b) for m in ("greedy", "beam4") for b in "18"
+    ]
+    for copies, layout, ratio in (map(float, w[2:]) for w in layout_rows):
+        assert copies > 0 and layout > 0
+        assert ratio == pytest.approx(
+            copies / layout, abs=copies / layout * (0.5 / copies + 0.5 / layout) + 0.005
+        )
     assert set(rows) == {(m, b) for m in ("greedy", "sample", "beam4") for b in ("1", "8")}
     for cached, uncached, ratio in rows.values():  # tokens/s with and without the cache
         cached, uncached = float(cached), float(uncached)  # printed as whole numbers
