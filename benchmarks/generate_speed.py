@@ -181,15 +181,8 @@ class LinearLayout(GPTLM):
     """lmlab's model with the one-token step reading views of `nn.Linear`'s (out, in)
     weights instead of `_step_weights`' transposed copies: the step as it was before them."""
 
-    def _step_weights(self) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
-        layers = [
-            tuple(
-                linear.weight.detach().t()
-                for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)
-            )
-            for block in self.blocks
-        ]
-        return layers, self.lm_head.weight.detach().t()
+    def _step_weights(self, copies: bool | None = None):
+        return super()._step_weights(copies=False)
 
 
 def layouts(model: GPTLM, new_tokens: int, repeats: int) -> None:

@@ -311,24 +311,25 @@ class GPTLM(nn.Module):
         x = F.layer_norm(x, (C,), self.ln_final.weight, self.ln_final.bias)
         return (x @ head)[:, None]  # (B, 1, vocab)
 
-    def _step_weights(self) -> tuple[list[tuple[Tensor, ...]], Tensor]:
+    def _step_weights(self, copies: bool | None = None) -> tuple[list[tuple[Tensor, ...]], Tensor]:
         """The one-token step's matrices as (in, out): per layer qkv, proj, fc and the MLP's
         proj, then the output layer.
 
         On CPU these are transposed copies, made once per KV cache (that is, per decoding
         call): a one-row matmul reads a contiguous (in, out) matrix faster than
-        `nn.Linear`'s (out, in) one (the 10,000 x 256 output layer in 100-138 us against
-        152-161 us). Decoding with them against the same step on views, alternating in one
-        run (AMD EPYC family 26, torch 2.13, 2026-12-04): greedy 1.11-1.25x at batch 1,
-        0.93-1.03x at batch 4 to 16; beam search of 4 beams 1.11-1.32x at batch 1,
-        1.04-1.06x at batch 8. They cost one more copy of the weights while a cache lives.
-        Elsewhere they are views, which cuBLAS reads in either layout.
+        `nn.Linear`'s (out, in) one. `benchmarks/generate_speed.py --cache-only --layouts`
+        (AMD EPYC family 26, torch 2.13, 2 threads, 2026-12-05), copies over views: greedy
+        1.25x at batch 1 and 1.24x at batch 8, beam search of 4 beams 1.17x and 0.98x.
+        They cost one more copy of the weights while a cache lives.
+        Elsewhere they are views, which cuBLAS reads in either layout. `copies` overrides
+        the choice (`benchmarks/generate_speed.py --layouts` times both on one machine).
         """
-        copy = self.lm_head.weight.device.type == "cpu"
+        if copies is None:
+            copies = self.lm_head.weight.device.type == "cpu"
 
         def laid_out(weight: Tensor) -> Tensor:
             weight = weight.detach().t()
-            return weight.contiguous() if copy else weight
+            return weight.contiguous() if copies else weight
 
         layers = [
             tuple(
