@@ -9,7 +9,9 @@ The reference is pytorch/examples' word_language_model set-up: `nn.Embedding`, a
 logits, SGD and gradient clipping, the hidden state carried (detached) from one
 window to the next. lmlab's row is the real LightningModule and Trainer with
 `model=lstm_small`'s shape (untied, no dropout, as Zaremba's small model),
-`data.order=contiguous` and its fused output-layer loss, in fp32 and, where
+`data.order=contiguous` and its fused output-layer loss, in fp32 (its matmuls through
+the kernel `lmlab.onednn` picks for this CPU; where that is oneDNN, also through
+torch.mm, for comparison) and, where
 `trainer.precision=auto` chooses otherwise on this machine, in that precision too
 (the row marked default is what train.py runs). Rounds alternate
 between the two so that the machine's drift hits both alike; each speed is the
@@ -32,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from train_speed import StepTimer
 
+from lmlab import onednn
 from lmlab.data import BatchLoader, keep_batch
 from lmlab.lit_module import LanguageModel
 from lmlab.machine import machine_line
@@ -88,7 +91,13 @@ def plain_loop(warmup: int, steps: int) -> float:
     return tokens_per_second(starts)
 
 
-def lightning_loop(warmup: int, steps: int, precision: str = "32-true") -> float:
+def lightning_loop(
+    warmup: int, steps: int, precision: str = "32-true", onednn_matmuls: bool | None = None
+) -> float:
+    """lmlab's steps/s; `onednn_matmuls` forces the fp32 loss's matmul kernel (`lmlab.onednn`)."""
+    if onednn_matmuls is not None:
+        with onednn.forced(onednn_matmuls):
+            return lightning_loop(warmup, steps, precision)
     torch.manual_seed(0)
     config = LSTMConfig(
         vocab_size=VOCAB_SIZE,
@@ -140,11 +149,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         default = choose_precision("auto", "cpu", WIDTH, cache_dir, needs_native_bf16=True)
     rows = {"plain nn.LSTM loop (reference)": plain_loop, "lmlab lstm, Lightning": lightning_loop}
+    if onednn.uses_onednn(torch.ones(1)):  # this machine's fp32 matmuls, and the other kernel
+        rows["lmlab lstm, Lightning, fp32 matmuls by torch.mm"] = partial(
+            lightning_loop, onednn_matmuls=False
+        )
     if default.precision != "32-true":
         rows[f"lmlab lstm, Lightning, {default.precision}"] = partial(
             lightning_loop, precision=default.precision
         )
-    default_row = list(rows)[-1]
+    default_row = list(rows)[-1] if default.precision != "32-true" else "lmlab lstm, Lightning"
     speeds: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(rounds):
         for name, run in rows.items():
@@ -162,6 +175,8 @@ def main() -> None:
         label = name + (" (default)" if name == default_row else "")
         print(f"{label:45} {speed:9.0f} {speed / reference:12.3f}")
     print(f"default: trainer.precision=auto chose {default.precision} ({default.reason})")
+    kernel = "oneDNN" if onednn.uses_onednn(torch.ones(1)) else "torch.mm"
+    print(f"lmlab's fp32 matmuls on this machine: {kernel} (lmlab.onednn)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lmlab.onednn import mm, uses_onednn
+
 # Rows per chunk: 512 x 10,000 fp32 logits is 20 MB, which stays in a server CPU's
 # last-level cache. Measured on 2 cores for the `small` model's step: 256 rows is 2%
 # slower (the matmuls pack the whole weight once per chunk), 1,024 rows 4% slower and
@@ -142,9 +144,12 @@ def _fused_loss_and_grads(
         row_weight = row_weight / count
     safe_targets = targets.masked_fill(~counted, 0)[:, None]  # any valid index; masked below
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    # One buffer for every chunk's logits, so the same memory stays in cache.
-    buffer = h_all.new_empty(min(chunk_rows, hidden.size(0)), weight.size(0))
     b = None if bias is None else bias.to(compute_dtype)
+    # One buffer for every chunk's logits, so the same memory stays in cache (oneDNN's
+    # matmul writes a new tensor instead).
+    buffer = None
+    if not uses_onednn(h_all, w):
+        buffer = h_all.new_empty(min(chunk_rows, hidden.size(0)), weight.size(0))
     # Without the max-shift, exp cannot overflow (nor can its sum over the vocabulary,
     # nor underflow below normal floats) while every |logit| <= ||h|| * max ||w|| stays
     # under `limit`: 25 for a trained `small` model, where `limit` is 78 in float32 (and
@@ -161,11 +166,7 @@ def _fused_loss_and_grads(
     for start in range(0, hidden.size(0), chunk_rows):
         rows, first = slice(start, start + chunk_rows), start == 0
         h, target = h_all[rows], safe_targets[rows]
-        logits = torch.mm(h, w.T, out=buffer[: h.size(0)])  # (rows, vocab)
-        if b is not None:
-            # Added after the matmul: addmm into `out` first copies the broadcast bias
-            # there, a full extra pass (3.5 ms of a 67 ms LSTM step on 2 CPU cores).
-            logits.add_(b)
+        logits = mm(h, w.T, b, out=None if buffer is None else buffer[: h.size(0)])  # (rows, vocab)
         unshifted = largest_row is not None and bool(
             torch.linalg.vector_norm(hidden[rows], dim=1).max() * largest_row + largest_bias
             <= limit
@@ -181,14 +182,12 @@ def _fused_loss_and_grads(
         # = sums * (p - 1) = sums * expm1(-nll), exact even where p is close to 1.
         grad = set_at_targets(exps, target, sums * torch.expm1(-nll))
         scale = row_weight[rows] / sums
-        if want_hidden and grad.dtype == acc:
-            torch.mm(grad, w, out=grad_hidden[rows]).mul_(scale)
-        elif want_hidden:
-            torch.mul(torch.mm(grad, w), scale, out=grad_hidden[rows])
+        if want_hidden:
+            torch.mul(mm(grad, w), scale, out=grad_hidden[rows])
         if want_weight:
-            _accumulate(grad_weight, grad.T, (h * scale).to(compute_dtype), first)
+            grad_weight = _accumulate(grad_weight, grad.T, (h * scale).to(compute_dtype), first)
         if want_bias:  # the bias gradient sums the rows' gradients
-            _accumulate(grad_bias, scale.T.to(compute_dtype), grad, first)
+            grad_bias = _accumulate(grad_bias, scale.T.to(compute_dtype), grad, first)
     if hidden.size(0) == 0:
         for grad in (grad_weight, grad_bias):
             if grad is not None:
@@ -205,9 +204,13 @@ def _fused_loss_and_grads(
     return loss.to(torch.promote_types(hidden.dtype, acc)), grads
 
 
-def _accumulate(total: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+def _accumulate(total: Tensor, a: Tensor, b: Tensor, first: bool) -> Tensor:
     """`total = a @ b` on the first chunk, `total += a @ b` after: the product in a's dtype,
-    the sum in total's (no zero-filled accumulator is read)."""
+    the sum in total's (no zero-filled accumulator is read). Returns the total: oneDNN's
+    first product is a new tensor, which replaces `total`."""
+    if uses_onednn(a, b):
+        product = mm(a, b)
+        return product if first else total.add_(product)
     if a.dtype != total.dtype:
         # ACCUMULATE_ROWS of the product at a time: a whole bf16 (vocab, C) product is
         # 122 MiB more at a 250,000-word vocabulary. PTB's 10,000 rows are one slice.
@@ -219,6 +222,7 @@ def _accumulate(total: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         torch.mm(a, b, out=total)
     else:
         total.addmm_(a, b)
+    return total
 
 
 def set_at_targets(values: Tensor, target: Tensor, new: Tensor) -> Tensor:

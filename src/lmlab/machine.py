@@ -44,6 +44,11 @@ def cpu_flags() -> list[str] | None:
     return flags or None
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as `lscpu` gives it (`GenuineIntel`, `AuthenticAMD`), or "" where it gives none."""
+    return _lscpu().get("Vendor ID", "").strip()
+
+
 def native_bf16(flags: list[str] | None) -> bool:
     """Whether these x86 flags include bf16 matmul instructions (AVX-512 BF16 or AMX)."""
     return bool(flags) and ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -1,0 +1,97 @@
+"""Float32 matmuls through oneDNN on the CPUs where torch's default BLAS runs them at half speed.
+
+torch runs a float32 `torch.mm` on an x86 CPU through MKL, and MKL takes its AVX2
+kernels on a CPU that is not Intel's, AVX-512 or not. oneDNN, the other CPU library
+torch ships (its LSTM, convolution and bf16 matmul kernels), takes AVX-512 on any
+vendor's CPU. On 2 cores of an AMD EPYC family 26 (AVX-512), 2026-12-07: float32 matmuls
+of the output layer's shapes at 210 GFLOP/s through MKL and 480 through oneDNN, the
+LSTM's fused loss 2.1x faster (`benchmarks/loss_speed.py`). On an Intel CPU MKL has
+its AVX-512 kernels, and nothing changes.
+
+torch offers no public switch for float32 matmuls through oneDNN (its
+`torch.backends.mkldnn.matmul.fp32_precision` reaches oneDNN only by giving up float32
+accuracy). `torch.ops.mkldnn._linear_pointwise` is the op inductor compiles CPU linear
+layers to, in every torch since 2.0; it is IEEE float32, as MKL is (tests/test_onednn.py
+checks it against `torch.mm` for every layout lmlab uses). Where the op is missing or
+refuses the call, `mm` falls back to `torch.mm`, so a torch that changes it costs speed,
+not correctness.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from lmlab.machine import cpu_flags, cpu_vendor
+
+# Tensors, not subclasses that route ops elsewhere (DTensor under FSDP2, fake tensors).
+_PLAIN = (Tensor, torch.nn.Parameter)
+_forced: bool | None = None  # `forced()`: tests and benchmarks pin the kernel
+
+
+@functools.cache
+def _onednn_linear():
+    """oneDNN's linear op (x @ weight.T + bias), or None where this torch lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+def cpu_prefers_onednn() -> bool:
+    """The rule: oneDNN for float32 where MKL would run AVX2 kernels on an AVX-512 CPU (not Intel's)."""
+    flags = cpu_flags() or []
+    return cpu_vendor() == "AuthenticAMD" and "avx512f" in flags
+
+
+@functools.cache
+def _machine_choice() -> bool:
+    return _onednn_linear() is not None and cpu_prefers_onednn()
+
+
+def uses_onednn(*tensors: Tensor) -> bool:
+    """Whether `mm` of these tensors runs through oneDNN: float32 on the CPU, outside
+    torch.compile (inductor picks its own kernels), on a CPU where oneDNN is the faster."""
+    enabled = _machine_choice() if _forced is None else _forced and _onednn_linear() is not None
+    return (
+        enabled
+        and not torch.compiler.is_compiling()
+        and all(
+            type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
+            for t in tensors
+        )
+    )
+
+
+@contextmanager
+def forced(enabled: bool) -> Iterator[None]:
+    """Run `mm` through oneDNN (True) or `torch.mm` (False) whatever the CPU, inside the block
+    (where oneDNN is missing, `torch.mm` either way): for tests and benchmarks."""
+    global _forced
+    before, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """`a @ b + bias` for (M, K) `a`, (K, N) `b` and an (N,) `bias` or None, any strides.
+
+    Through oneDNN where `uses_onednn`, into a new tensor; otherwise `torch.mm`, into
+    `out` if given (oneDNN's op has no `out=`: where it runs, `out` is left alone, and
+    the caller uses the returned tensor).
+    """
+    if uses_onednn(a, b) and (bias is None or uses_onednn(bias)):
+        try:
+            return _onednn_linear()(a, b.t(), bias, "none", [], "")
+        except RuntimeError:  # a torch whose op takes other arguments: MKL below
+            pass
+    if bias is None:
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    # Added after the matmul: addmm into `out` first copies the broadcast bias there,
+    # a full extra pass.
+    return (torch.mm(a, b) if out is None else torch.mm(a, b, out=out)).add_(bias)

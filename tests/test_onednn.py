@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmlab.onednn as onednn
+from lmlab.loss import linear_cross_entropy
+
+needs_onednn = pytest.mark.skipif(
+    onednn._onednn_linear() is None, reason="this torch has no oneDNN linear op"
+)
+
+
+def operands(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(37, 24, generator=generator)
+    b = torch.randn(24, 53, generator=generator)
+    bias = torch.randn(53, generator=generator)
+    return a, b, bias
+
+
+def layouts():
+    """Every kind of operand the fused loss hands `mm`: contiguous, transposed views, row slices."""
+    a, b, bias = operands()
+    wide = torch.randn(53, 30)[:, 3:27]  # rows with a stride longer than their length
+    yield "contiguous", a, b
+    yield "a transposed view", torch.randn(24, 37).T, b
+    yield "b transposed view (an nn.Linear weight)", a, wide.T
+    yield "a row slice", torch.randn(50, 24)[5:42], b
+    yield "both transposed views", torch.randn(24, 37).T, torch.randn(53, 24).T
+    yield "bias", a, b
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", list(layouts()), ids=lambda case: case[0])
+def test_onednn_gives_the_float32_product_of_every_layout(case):
+    name, a, b = case
+    bias = operands()[2] if name == "bias" else None
+    with onednn.forced(True):
+        assert onednn.uses_onednn(a, b)
+        got = onednn.mm(a, b, bias)
+    expected = a @ b if bias is None else a @ b + bias
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # float32 rounding only
+
+
+def test_forced_off_is_torch_mm_exactly_and_writes_into_out():
+    a, b, bias = operands()
+    out = torch.empty(37, 53)
+    with onednn.forced(False):
+        assert not onednn.uses_onednn(a, b)
+        got = onednn.mm(a, b, out=out)
+        with_bias = onednn.mm(a, b, bias)
+    assert got is out and torch.equal(out, torch.mm(a, b))
+    assert torch.equal(with_bias, torch.mm(a, b).add_(bias))
+
+
+@needs_onednn
+def test_only_float32_cpu_tensors_go_through_onednn():
+    a, b, _ = operands()
+    with onednn.forced(True):
+        assert onednn.uses_onednn(a, b)
+        assert not onednn.uses_onednn(a.double(), b.double())
+        assert not onednn.uses_onednn(a.bfloat16(), b.bfloat16())
+        assert onednn.uses_onednn(torch.nn.Parameter(a), b)  # a module's weight
+        fake_dtensor = torch.Tensor._make_subclass(type("Wrapped", (torch.Tensor,), {}), a)
+        assert not onednn.uses_onednn(fake_dtensor, b)  # other subclasses: left to torch
+        got = onednn.mm(a.double(), b.double())
+    assert got.dtype == torch.float64 and torch.equal(got, a.double() @ b.double())
+
+
+@pytest.mark.parametrize(
+    "vendor, flags, expected",
+    [
+        ("AuthenticAMD", ["avx2", "avx512f", "avx512_bf16"], True),  # EPYC family 25, 26
+        ("AuthenticAMD", ["avx2", "fma"], False),  # EPYC family 23: MKL and oneDNN both AVX2
+        ("GenuineIntel", ["avx2", "avx512f", "amx_bf16"], False),  # MKL has AVX-512 there
+        ("", [], False),  # no lscpu (not x86 Linux)
+    ],
+)
+def test_the_rule_takes_onednn_only_where_mkl_would_leave_avx512_unused(
+    monkeypatch, vendor, flags, expected
+):
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: flags or None)
+    assert onednn.cpu_prefers_onednn() is expected
+
+
+def test_without_the_op_everything_runs_through_torch_mm(monkeypatch):
+    monkeypatch.setattr(onednn, "_onednn_linear", lambda: None)
+    a, b, _ = operands()
+    with onednn.forced(True):
+        assert not onednn.uses_onednn(a, b)
+        assert torch.equal(onednn.mm(a, b), torch.mm(a, b))
+
+
+def test_an_op_that_refuses_the_call_falls_back_to_torch_mm(monkeypatch):
+    def refuses(*args):
+        raise RuntimeError("unexpected arguments")
+
+    monkeypatch.setattr(onednn, "_onednn_linear", lambda: refuses)
+    a, b, _ = operands()
+    with onednn.forced(True):
+        assert torch.equal(onednn.mm(a, b), torch.mm(a, b))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["onednn", "torch.mm"])
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_the_fused_loss_in_float32_equals_cross_entropy_through_either_kernel(kernel, chunk_rows):
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(53, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(37, 16, generator=generator, requires_grad=True)
+    bias = torch.randn(37, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 37, (53,), generator=generator)
+    targets[::5] = -100
+    with onednn.forced(kernel):
+        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, bias=bias)
+        fused_grads = torch.autograd.grad(fused, (hidden, weight, bias))
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=-100)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight, bias))
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(fused_grads, plain_grads):
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
