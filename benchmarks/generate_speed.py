@@ -2,7 +2,7 @@
 
     python benchmarks/generate_speed.py            # 256 new tokens, median of 3 runs
     python benchmarks/generate_speed.py --quick    # a smoke run of a few seconds
-    python benchmarks/generate_speed.py --layouts  # also the step on its earlier kernels, layouts
+    python benchmarks/generate_speed.py --layouts  # also the step on nn.Linear's weight layout
 
 Speeds are new tokens per second over the whole batch: batch x new tokens / seconds (for beam
 search, tokens of the returned sequences, not of every beam). Where `transformers` is
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab import onednn
 from lmlab.decoding import beam_search, generate
 from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
@@ -120,8 +119,7 @@ def main() -> None:
     parser.add_argument(
         "--layouts",
         action="store_true",
-        help="also time the one-token step through torch.mm on transposed copies and on "
-        "nn.Linear's own weight layout, the kernels and layouts it had before",
+        help="also time the one-token step on nn.Linear's own weight layout against its copies",
     )
     args = parser.parse_args()
     new_tokens, repeats = (16, 1) if args.quick else (args.new_tokens, args.repeats)
@@ -183,42 +181,24 @@ class LinearLayout(GPTLM):
     """lmlab's model with the one-token step reading views of `nn.Linear`'s (out, in)
     weights instead of `_step_weights`' transposed copies: the step as it was before them."""
 
-    def _step_weights(self, copies: bool | None = None, rows: int = 1):
-        return super()._step_weights(copies=False, rows=rows)
-
-
-def through_torch_mm(run: Callable[[int], object]) -> Callable[[int], object]:
-    """`run` with every float32 matmul through torch.mm, none through oneDNN (`lmlab.onednn`)."""
-
-    def forced(new_tokens: int) -> object:
-        with onednn.forced(False):
-            return run(new_tokens)
-
-    return forced
+    def _step_weights(self, copies: bool | None = None):
+        return super()._step_weights(copies=False)
 
 
 def layouts(model: GPTLM, new_tokens: int, repeats: int) -> None:
-    """Speed of the step as lmlab runs it over the same step on the earlier kernels and
-    layouts: torch.mm on transposed copies (2026-12-05), torch.mm on `nn.Linear`'s layout."""
+    """Speed of the step on transposed copies over the same step on `nn.Linear`'s layout."""
     original = LinearLayout(model.config).eval()
     original.load_state_dict(model.state_dict())
-    print(
-        f"\none-token step: lmlab, and through torch.mm on transposed copies and on nn.Linear's "
-        f"layout (tokens/s)\n{'method':<8}{'batch':>6}{'lmlab':>8}{'copies':>8}{'layout':>8}"
-        f"{'x copies':>10}{'x layout':>10}"
-    )
+    print(f"\n{'method':<8}{'batch':>6}{'copies':>10}{'layout':>10}{'copies x':>10}")
     for case in [Case(method, b) for method in ("greedy", "beam4") for b in (1, 8)]:
         prompt = torch.randint(0, VOCAB_SIZE, (case.batch_size, PROMPT_LEN))
-        runs = {
-            "lmlab": lmlab_run(model, case, prompt, True),
-            "copies": through_torch_mm(lmlab_run(model, case, prompt, True)),
-            "layout": through_torch_mm(lmlab_run(original, case, prompt, True)),
-        }
+        runs = {"copies": lmlab_run(model, case, prompt, True)}
+        runs["layout"] = lmlab_run(original, case, prompt, True)
         seconds = median_seconds(runs, new_tokens, repeats)
-        lmlab, copies, layout = (case.batch_size * new_tokens / seconds[k] for k in runs)
+        copies, layout = (case.batch_size * new_tokens / seconds[k] for k in ("copies", "layout"))
         print(
-            f"{case.method:<8}{case.batch_size:>6}{lmlab:>8.0f}{copies:>8.0f}{layout:>8.0f}"
-            f"{lmlab / copies:>10.2f}{lmlab / layout:>10.2f}",
+            f"{case.method:<8}{case.batch_size:>6}{copies:>10.0f}{layout:>10.0f}"
+            f"{copies / layout:>10.2f}",
             flush=True,
         )
 

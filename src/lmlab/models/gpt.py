@@ -20,13 +20,6 @@ from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
-from lmlab.onednn import mm, uses_onednn
-
-# Multiply-adds (rows x in x out) from which a one-token step's product runs through oneDNN
-# where it is the faster kernel: below, its ~10 us call costs more than MKL's copy-layout
-# product (AMD EPYC family 26, 2 threads, 2026-12-07: 1 x 256 x 1,024 MKL 13 us, oneDNN
-# 19 us; 4 x 256 x 768 MKL 35 us, oneDNN 29 us; 1 x 256 x 10,000 MKL 140 us, oneDNN 81 us).
-ONEDNN_MIN_MACS = 500_000
 
 
 @dataclass
@@ -296,7 +289,7 @@ class GPTLM(nn.Module):
             # every cached slot, or each row's real ones: (B, 1, 1, pos + 1)
             mask = None if offset is None else visible(pos, 1, offset, idx.device)
         if cache.step_weights is None:  # the cache's first one-token step
-            cache.step_weights = self._step_weights(rows=B)
+            cache.step_weights = self._step_weights()
         layers, head = cache.step_weights
         x = self.token_embedding.weight[idx[:, 0]] + self.position_embedding.weight[where]
         for i, (block, (qkv_t, proj_t, fc_t, fc_proj_t)) in enumerate(zip(self.blocks, layers)):
@@ -318,45 +311,36 @@ class GPTLM(nn.Module):
         x = F.layer_norm(x, (C,), self.ln_final.weight, self.ln_final.bias)
         return (x @ head)[:, None]  # (B, 1, vocab)
 
-    def _step_weights(
-        self, copies: bool | None = None, rows: int = 1
-    ) -> tuple[list[tuple[Tensor, ...]], Tensor]:
+    def _step_weights(self, copies: bool | None = None) -> tuple[list[tuple[Tensor, ...]], Tensor]:
         """The one-token step's matrices as (in, out): per layer qkv, proj, fc and the MLP's
-        proj, then the output layer; `rows` is the step's batch.
+        proj, then the output layer.
 
-        On CPU, a matrix whose product runs through oneDNN (`lmlab.onednn`: an AMD CPU with
-        AVX-512) stays a view of `nn.Linear`'s (out, in) weight, the layout oneDNN reads,
-        where the product is large enough for oneDNN's ~10 us call to pay
-        (`ONEDNN_MIN_MACS`). Others are transposed copies, made once per KV cache (that
-        is, per decoding call): MKL streams a one-row product faster from a contiguous
-        (in, out) matrix. `benchmarks/generate_speed.py --cache-only --layouts` (AMD EPYC
-        family 26, torch 2.13, 2 threads, 2026-12-05), copies over views through MKL:
-        greedy 1.25x at batch 1 and 1.24x at batch 8, beam search of 4 beams 1.17x and
-        0.98x. Copies cost one more copy of those weights while a cache lives.
-        Elsewhere all are views, which cuBLAS reads in either layout. `copies=False`
-        makes every one a view (`benchmarks/generate_speed.py --layouts` times both).
+        On CPU these are transposed copies, made once per KV cache (that is, per decoding
+        call): a one-row matmul reads a contiguous (in, out) matrix faster than
+        `nn.Linear`'s (out, in) one. `benchmarks/generate_speed.py --cache-only --layouts`
+        (AMD EPYC family 26, torch 2.13, 2 threads, 2026-12-05), copies over views: greedy
+        1.25x at batch 1 and 1.24x at batch 8, beam search of 4 beams 1.17x and 0.98x.
+        They cost one more copy of the weights while a cache lives.
+        Elsewhere they are views, which cuBLAS reads in either layout. `copies` overrides
+        the choice (`benchmarks/generate_speed.py --layouts` times both on one machine).
         """
+        if copies is None:
+            copies = self.lm_head.weight.device.type == "cpu"
 
-        def laid_out(linear: nn.Linear) -> Tensor:
-            weight = linear.weight.detach().t()  # (in, out)
-            copy = weight.device.type == "cpu" if copies is None else copies
-            if copy and uses_onednn(weight) and rows * weight.numel() >= ONEDNN_MIN_MACS:
-                copy = False  # oneDNN reads the view
-            return weight.contiguous() if copy else weight
+        def laid_out(weight: Tensor) -> Tensor:
+            weight = weight.detach().t()
+            return weight.contiguous() if copies else weight
 
         layers = [
             tuple(
-                laid_out(linear)
+                laid_out(linear.weight)
                 for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)
             )
             for block in self.blocks
         ]
-        return layers, laid_out(self.lm_head)
+        return layers, laid_out(self.lm_head.weight)
 
 
 def _affine(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
-    """`F.linear(x, weight_t.T, bias)` for a weight given as (in, out) by `_step_weights`:
-    a view through oneDNN where it runs, else torch's matmul."""
-    if not weight_t.is_contiguous() and uses_onednn(x, weight_t):
-        return mm(x, weight_t, bias)
+    """`F.linear(x, weight_t.T, bias)` for a weight given as (in, out)."""
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
