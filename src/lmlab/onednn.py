@@ -55,10 +55,11 @@ def _machine_choice() -> bool:
 def uses_onednn(*tensors: Tensor) -> bool:
     """Whether `mm` of these tensors runs through oneDNN: float32 on the CPU, outside
     torch.compile (inductor picks its own kernels), on a CPU where oneDNN is the faster."""
+    if torch.compiler.is_compiling():  # first: dynamo would break its graph on what follows
+        return False
     enabled = _machine_choice() if _forced is None else _forced and _onednn_linear() is not None
     return (
         enabled
-        and not torch.compiler.is_compiling()
         and all(
             type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
             for t in tensors
