@@ -120,3 +120,20 @@ def test_the_fused_loss_in_float32_equals_cross_entropy_through_either_kernel(ke
     for got, expected in zip(fused_grads, plain_grads):
         assert got.dtype == torch.float32 and got.is_contiguous()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_choice_says_which_kernel_and_why(monkeypatch):
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: ["avx2", "avx512f"])
+    expected = "oneDNN (an AMD CPU with AVX-512, where MKL would run AVX2 kernels)"
+    if onednn._onednn_linear() is None:
+        expected = "torch.mm (this torch has no oneDNN linear op)"
+    assert onednn.choice() == expected
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: "GenuineIntel")
+    if onednn._onednn_linear() is not None:
+        assert onednn.choice() == "torch.mm (MKL uses every instruction this CPU has)"
+
+
+def test_a_run_says_in_train_log_which_kernel_runs_the_loss(one_validation_run):
+    log = (one_validation_run / "train.log").read_text()
+    assert f"float32 matmuls of the fused loss: {onednn.choice()}" in log

@@ -52,18 +52,23 @@ def _machine_choice() -> bool:
     return _onednn_linear() is not None and cpu_prefers_onednn()
 
 
+def choice() -> str:
+    """Which kernel runs the fused loss's float32 matmuls on this machine, and why (train.log)."""
+    if _onednn_linear() is None:
+        return "torch.mm (this torch has no oneDNN linear op)"
+    if cpu_prefers_onednn():
+        return "oneDNN (an AMD CPU with AVX-512, where MKL would run AVX2 kernels)"
+    return "torch.mm (MKL uses every instruction this CPU has)"
+
+
 def uses_onednn(*tensors: Tensor) -> bool:
     """Whether `mm` of these tensors runs through oneDNN: float32 on the CPU, outside
     torch.compile (inductor picks its own kernels), on a CPU where oneDNN is the faster."""
     if torch.compiler.is_compiling():  # first: dynamo would break its graph on what follows
         return False
     enabled = _machine_choice() if _forced is None else _forced and _onednn_linear() is not None
-    return (
-        enabled
-        and all(
-            type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
-            for t in tensors
-        )
+    return enabled and all(
+        type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
     )
 
 

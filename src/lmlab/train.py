@@ -15,6 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lmlab import onednn
 from lmlab.callbacks import ModelFiles, find_callback
 from lmlab.checkpoint import checkpoint_metadata
 from lmlab.compilation import AUTO, CompileWherePays
@@ -81,6 +82,7 @@ def main(cfg: DictConfig) -> dict:
         needs_native_bf16=module.model.needs_native_bf16,
     )
     log.info("precision %s: %s", precision.precision, precision.reason)
+    log.info("float32 matmuls of the fused loss: %s", onednn.choice())
     plugins = [*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
     trainer = instantiate(
         cfg.trainer,
