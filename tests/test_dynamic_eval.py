@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.dynamic_eval import DynamicEval, dynamic_perplexity, gradient_rms
+from lmlab.dynamic_eval import DynamicEval, Update, dynamic_perplexity, gradient_rms
 from lmlab.evaluation import perplexity
 from lmlab.models import build_model
 from lmlab.models.gpt import GPTConfig
@@ -90,3 +90,25 @@ def test_rms_needs_its_statistics():
         dynamic_perplexity(
             tiny("gpt"), stream(20), DynamicEval(lr=1e-3, decay=0.0, method="rms"), context=CONTEXT
         )
+
+
+@pytest.mark.parametrize("method", ["sgd", "rms"])
+def test_one_update_is_the_rule_as_written(method: str):
+    generator = torch.Generator().manual_seed(3)
+    trained = [torch.randn(7, 5, generator=generator), torch.randn(5, generator=generator)]
+    rms = [torch.rand(t.shape, generator=generator) for t in trained]
+    settings = DynamicEval(lr=0.1, decay=0.05, method=method, segment=5)
+    params = [(p0 + 0.1 * torch.randn(p0.shape, generator=generator)) for p0 in trained]
+    for p in params[:1]:  # the second weight gets no gradient: it is left alone
+        p.grad = torch.randn(p.shape, generator=generator)
+    before = [p.clone() for p in params]
+    Update(settings, trained, rms)(params)
+    if method == "sgd":
+        step, pull = 0.1, 0.05
+    else:  # RMS: lr / (s + eps), and the pull decay * s / mean(s), capped at 1
+        step = 0.1 / (rms[0] + settings.epsilon)
+        mean = (rms[0].mean() + rms[1].mean()) / 2
+        pull = (rms[0] / mean).clamp(max=1 / 0.05) * 0.05
+    expected = before[0] - step * params[0].grad + pull * (trained[0] - before[0])
+    torch.testing.assert_close(params[0], expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(params[1], before[1])
