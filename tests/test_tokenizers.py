@@ -68,6 +68,25 @@ def test_a_tokenizer_travels_as_plain_json(kind, size):
     assert np.array_equal(again.encode_lines(TRAIN), tokenizer.encode_lines(TRAIN))
 
 
+def test_bpe_trained_twice_on_the_same_lines_gives_the_same_ids_and_the_trainers_pieces():
+    # tokenizers' trainer numbers the word-final characters in a hash map's order, new at
+    # every training: lmlab renumbers them sorted, which changes no tokenization.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tokenizers = [trained("bpe", 60) for _ in range(4)]
+    assert all(t.to_dict() == tokenizers[0].to_dict() for t in tokenizers)
+    hf = HFTokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<eos>", "<unk>"], end_of_word_suffix="</w>"
+    )
+    hf.train_from_iterator(TRAIN, trainer)
+    for line in [TEXT, *TRAIN]:
+        assert tokenizers[0].pieces(line) == hf.encode(line).tokens
+    assert sorted(tokenizers[0].words) == sorted(hf.get_vocab())
+
+
 def test_bpe_vocabulary_size_is_respected_and_checked_against_the_alphabet():
     assert len(trained("bpe", 60)) == 60
     with pytest.raises(UserError, match=r"tokenizer.vocab_size=10 is below the \d+ tokens BPE"):

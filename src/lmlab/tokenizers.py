@@ -193,6 +193,29 @@ class CharTokenizer(Tokenizer):
         return Units(words, [1] * len(self), eos_after_token=(2, 1))
 
 
+def _numbered_in_a_fixed_order(hf):
+    """`hf` (a trained tokenizers BPE) with its starting tokens numbered in sorted order.
+
+    The trainer numbers the word-final characters (`e</w>`) in the order of a hash map that
+    is seeded anew for every training, so the same lines gave other ids each time (and runs
+    with the same seed differed). The merges and their order are deterministic; the merged
+    tokens keep their ids, which follow the merges. Renumbering changes no tokenization:
+    the model reads its merges by token, not by id.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads(hf.to_str())
+    vocab = data["model"]["vocab"]
+    merged = {"".join(m.split(" ") if isinstance(m, str) else m) for m in data["model"]["merges"]}
+    special = {token["content"] for token in data["added_tokens"]}
+    start = sorted(t for t in vocab if t not in merged and t not in special)
+    rest = sorted((t for t in vocab if t in merged or t in special), key=vocab.get)
+    first_merged = len(special)  # the special tokens lead, as the trainer puts them
+    order = rest[:first_merged] + start + rest[first_merged:]
+    data["model"]["vocab"] = {token: i for i, token in enumerate(order)}
+    return HFTokenizer.from_str(json.dumps(data))
+
+
 class BPETokenizer(Tokenizer):
     """Byte-pair encoding by Hugging Face `tokenizers`, whole words only (no merge crosses a space).
 
@@ -235,7 +258,7 @@ class BPETokenizer(Tokenizer):
             show_progress=False,
         )
         hf.train_from_iterator(lines, trainer, length=len(lines))
-        return cls(hf)
+        return cls(_numbered_in_a_fixed_order(hf))
 
     def pieces(self, text: str) -> list[str]:
         return self.hf.encode(text).tokens
