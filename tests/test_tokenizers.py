@@ -50,6 +50,21 @@ def test_decode_of_encode_gives_the_words_back_with_unk_where_the_text_has_it(ki
     assert tokenizer.unknown([TEXT]) == []
 
 
+@pytest.mark.parametrize("kind, size", [("word", None), ("char", None), ("bpe", 60)])
+def test_text_streamed_a_token_at_a_time_is_the_text_of_all_the_tokens(kind, size):
+    # generate.py shows each new token as decode(tokens so far) less what it showed before
+    # (generation.stream_continuation): that needs every decoded prefix to begin the next.
+    tokenizer = trained(kind, size)
+    generator = np.random.default_rng(0)
+    for ids in generator.integers(0, len(tokenizer), size=(200, 30)).tolist():
+        shown = ""
+        for k in range(1, len(ids) + 1):
+            text = tokenizer.decode(ids[:k])
+            assert text.startswith(shown), (shown, text)
+            shown = text
+        assert shown == tokenizer.decode(ids)
+
+
 def test_char_reads_an_unseen_character_as_unk_and_bpe_keeps_the_literal_unk_whole():
     char = trained("char")
     assert char.pieces("a b") == ["a", BOUNDARY, "b"]
