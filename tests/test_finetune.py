@@ -101,6 +101,19 @@ def test_init_from_checks_what_the_weights_mean(tmp_path):
         assert torch.equal(ours, theirs), name
 
 
+def test_init_from_a_char_model_counts_characters(tmp_path):
+    source_chars = CharTokenizer.train(["the company said"])
+    target_chars = CharTokenizer.train(["the company sold"])  # l is new, i goes
+    source = model_of("gpt", source_chars.words, seed=0)
+    exported = export(source, source_chars, tmp_path / "chars")
+    alignment = initialise_from(model_of("gpt", target_chars.words, 1), target_chars, str(exported))
+    assert alignment.unit == "characters"
+    assert alignment.describe("X") == (
+        f"init_from X: {alignment.kept} characters keep their trained rows, 1 new characters "
+        f"freshly initialised (1 characters of the source not in this corpus)"
+    )
+
+
 def test_frozen_parameters_do_not_train(tmp_path):
     module = tiny_gpt_module(vocab=20, lr=1e-2)
     frozen = freeze(module.model, ["blocks.0.attn.*", "position_embedding.weight"])

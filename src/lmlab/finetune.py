@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,18 @@ class Alignment:
     kept: int  # words in both: their rows keep the trained values
     new: int  # words only the new corpus has: freshly initialised rows
     dropped: int  # words only the source had
+    unit: str = "words"  # what a row stands for: words, characters or (BPE) tokens
 
     def describe(self, source: str) -> str:
+        u = self.unit
         return (
-            f"init_from {source}: {self.kept} words keep their trained rows, {self.new} new "
-            f"words freshly initialised ({self.dropped} words of the source not in this corpus)"
+            f"init_from {source}: {self.kept} {u} keep their trained rows, {self.new} new "
+            f"{u} freshly initialised ({self.dropped} {u} of the source not in this corpus)"
         )
+
+
+# A row of each tokenizer kind's tables stands for one of these.
+ROW_UNITS = {"word": "words", "char": "characters", "bpe": "tokens"}
 
 
 def initialise_from(model: nn.Module, tokenizer: Tokenizer, source: str) -> Alignment:
@@ -68,7 +74,8 @@ def initialise_from(model: nn.Module, tokenizer: Tokenizer, source: str) -> Alig
             f"uses tokenizer={tokenizer.kind}; pass tokenizer={trained_tokenizer.kind}"
         )
     check_compatible(trained.config, model.config, source)
-    return copy_weights(model, tokenizer.words, trained, trained_tokenizer.words)
+    alignment = copy_weights(model, tokenizer.words, trained, trained_tokenizer.words)
+    return replace(alignment, unit=ROW_UNITS.get(tokenizer.kind, "tokens"))
 
 
 def _check_exists(source: str) -> None:
