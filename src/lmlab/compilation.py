@@ -31,7 +31,6 @@ run eager under `auto`. `compile=true` or `false` is always used as given.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import statistics
@@ -48,10 +47,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
-from lmlab.atomic import write_atomically
 from lmlab.budget import TimeBudget
 from lmlab.humanize import format_duration
-from lmlab.machine import cpu_model
+from lmlab.machine_cache import MachineCache, machine_key
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +157,22 @@ def measure(
     return Measurement(eager, fast, max(0.0, warm - WARMUP_STEPS * fast))
 
 
-def machine_key(device: torch.device, precision: str, shape: str) -> str:
-    """What a measurement holds for: the processor, torch, threads, precision and shapes."""
-    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    threads = torch.get_num_threads()
-    return f"{chip} | torch {torch.__version__} | {threads} threads | {precision} | {shape}"
-
-
-def read_cache(path: Path) -> dict[str, Measurement]:
-    try:
-        values = json.loads(path.read_text())
-        return {key: Measurement(**value) for key, value in values.items()}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return {}  # none yet, or unreadable: measure again and rewrite it
+def read_measurements(cache: MachineCache) -> dict[str, Measurement]:
+    """The cached measurements; entries that do not read as one are left out (measured again)."""
+    known = {}
+    for key, value in cache.read().items():
+        try:
+            known[key] = Measurement(**value)
+        except TypeError:
+            continue
+    return known
 
 
 class CompileWherePays(Callback):
     """`compile=auto`: before the first training step, compile the model in place where it pays."""
 
     def __init__(self, cache_dir: str | Path) -> None:
-        self.cache = Path(cache_dir).expanduser() / CACHE_FILE
+        self.cache = MachineCache(cache_dir, CACHE_FILE)
         self.choice: CompileChoice | None = None
 
     def on_train_batch_start(
@@ -210,9 +204,8 @@ class CompileWherePays(Callback):
             return CompileChoice(False, f"{name}: auto compiles single-device and DDP runs only")
         autocast = trainer.precision_plugin.forward_context
         shape = f"{describe(model)} | batch {'x'.join(map(str, batch[0].shape))}"
-        key = machine_key(batch[0].device, str(trainer.precision), shape)
-        known = read_cache(self.cache)
-        measured, how = known.get(key), "cached"
+        key = machine_key(str(trainer.precision), shape, device=batch[0].device)
+        measured, how = read_measurements(self.cache).get(key), "cached"
         if measured is None:
             eager_step = measure(model, batch, autocast, compiled=False).eager_step
         else:
@@ -223,8 +216,7 @@ class CompileWherePays(Callback):
         if measured is None:
             log.info("compile auto: measuring eager and compiled steps once for %s", key)
             measured, how = measure(model, batch, autocast, compiled=True), "measured"
-            serialised = {k: asdict(v) for k, v in {**known, key: measured}.items()}
-            write_atomically(self.cache, json.dumps(serialised, indent=2) + "\n")
+            self.cache.store(key, asdict(measured))
         return decide(seconds, measured, how)
 
 

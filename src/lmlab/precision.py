@@ -18,7 +18,6 @@ is always used as given.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from lmlab.atomic import write_atomically
 from lmlab.errors import UserError
 from lmlab.machine import cpu_flags, cpu_model, native_bf16
+from lmlab.machine_cache import MachineCache, machine_key
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +82,12 @@ def choose_precision(
         # kernels (oneDNN's LSTM) have no bf16 path at all: no need to measure
         return Choice("32-true", f"{cpu_model()} has no bf16 matmul instructions")
     shape = matmul_shape(width)
-    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {shape}"
-    cache = Path(cache_dir).expanduser() / CACHE_FILE
-    known = _read_cache(cache)
-    speedup = known.get(key)
-    how = "cached"
-    if speedup is None:
-        speedup = bf16_speedup(*shape)
-        how = "measured"
-        write_atomically(cache, json.dumps({**known, key: speedup}, indent=2) + "\n")
+    key = machine_key(str(shape))
+    cache = MachineCache(cache_dir, CACHE_FILE)
+    speedup, how = cache.read().get(key), "cached"
+    if not isinstance(speedup, (int, float)):  # none yet, or not a number: measure
+        speedup, how = bf16_speedup(*shape), "measured"
+        cache.store(key, speedup)
     precision = "bf16-mixed" if speedup >= BF16_MIN_SPEEDUP else "32-true"
     reason = (
         f"bf16 matmuls run at {speedup:.2f}x the fp32 rate here ({how}: "
@@ -132,13 +128,3 @@ def _best_time(a: torch.Tensor, b: torch.Tensor, give_up_after: float = math.inf
         if best > give_up_after:  # slow beyond doubt: more samples would only cost time
             break
     return best
-
-
-def _read_cache(path: Path) -> dict[str, float]:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # none yet, or unreadable: measure again and rewrite it
-    if not isinstance(values, dict):
-        return {}
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
