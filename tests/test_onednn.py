@@ -137,3 +137,28 @@ def test_the_choice_says_which_kernel_and_why(monkeypatch):
 def test_a_run_says_in_train_log_which_kernel_runs_the_loss(one_validation_run):
     log = (one_validation_run / "train.log").read_text()
     assert f"float32 matmuls of the fused loss: {onednn.choice()}" in log
+
+
+def test_a_weight_gradient_larger_than_a_chunk_is_summed_in_place(monkeypatch):
+    # oneDNN writes each product anew; at a large vocabulary the weight's gradient would be
+    # held twice, so it is summed in place (torch.mm) and only the logits use oneDNN.
+    import lmlab.loss
+
+    monkeypatch.setattr(lmlab.loss, "CHUNK_BYTES", 1024)  # 37 x 16 floats: 2,368 bytes
+    calls = []
+    monkeypatch.setattr(
+        onednn,
+        "_onednn_linear",
+        lambda: lambda *args: calls.append(1) or (torch.nn.functional.linear(*args[:3])),
+    )
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(53, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(37, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 37, (53,), generator=generator)
+    with onednn.forced(True):
+        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+        grads = torch.autograd.grad(fused, (hidden, weight))
+    assert len(calls) == 2 * 4  # logits and the hidden states' gradient, in each of 4 chunks
+    plain = F.cross_entropy(hidden @ weight.T, targets)
+    for got, expected in zip(grads, torch.autograd.grad(plain, (hidden, weight))):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

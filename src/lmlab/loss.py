@@ -207,8 +207,11 @@ def _fused_loss_and_grads(
 def _accumulate(total: Tensor, a: Tensor, b: Tensor, first: bool) -> Tensor:
     """`total = a @ b` on the first chunk, `total += a @ b` after: the product in a's dtype,
     the sum in total's (no zero-filled accumulator is read). Returns the total: oneDNN's
-    first product is a new tensor, which replaces `total`."""
-    if uses_onednn(a, b):
+    first product is a new tensor, which replaces `total`. oneDNN writes every product
+    anew, so a total larger than CHUNK_BYTES (the weight's gradient at a 250,000-word
+    vocabulary: 244 MiB) is summed in place by torch.mm instead: a second one of it would
+    cost more memory than the faster product saves time (at 64 rows it is not faster)."""
+    if uses_onednn(a, b) and total.numel() * total.element_size() <= CHUNK_BYTES:
         product = mm(a, b)
         return product if first else total.add_(product)
     if a.dtype != total.dtype:
