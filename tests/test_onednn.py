@@ -68,38 +68,63 @@ def test_only_float32_cpu_tensors_go_through_onednn():
 
 
 @pytest.mark.parametrize(
-    "vendor, flags, expected",
+    "vendor, family, flags, expected",
     [
-        ("AuthenticAMD", ["avx2", "avx512f", "avx512_bf16"], True),  # EPYC family 25, 26
-        ("AuthenticAMD", ["avx2", "fma"], False),  # EPYC family 23: MKL and oneDNN both AVX2
-        ("GenuineIntel", ["avx2", "avx512f", "amx_bf16"], False),  # MKL has AVX-512 there
-        ("", [], False),  # no lscpu (not x86 Linux)
+        ("AuthenticAMD", 26, ["avx2", "avx512f", "avx512_bf16"], True),  # EPYC Zen 5: measured
+        ("AuthenticAMD", 25, ["avx2", "avx512f", "avx512_bf16"], False),  # Zen 4: not measured
+        ("AuthenticAMD", 23, ["avx2", "fma"], False),  # MKL and oneDNN both AVX2
+        ("AuthenticAMD", 27, ["avx2", "fma"], False),  # no AVX-512, whatever the family
+        ("GenuineIntel", 6, ["avx2", "avx512f", "amx_bf16"], False),  # MKL has AVX-512 there
+        ("", None, [], False),  # no lscpu (not x86 Linux)
     ],
 )
-def test_the_rule_takes_onednn_only_where_mkl_would_leave_avx512_unused(
-    monkeypatch, vendor, flags, expected
+def test_the_rule_takes_onednn_only_where_it_was_measured_faster(
+    monkeypatch, vendor, family, flags, expected
 ):
     monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(onednn, "cpu_family", lambda: family)
     monkeypatch.setattr(onednn, "cpu_flags", lambda: flags or None)
     assert onednn.cpu_prefers_onednn() is expected
 
 
-def test_without_the_op_everything_runs_through_torch_mm(monkeypatch):
-    monkeypatch.setattr(onednn, "_onednn_linear", lambda: None)
+@pytest.fixture
+def fresh_op_check():
+    """`_onednn_linear` checks the op once per process: anew for the test, and after it."""
+    onednn._onednn_linear.cache_clear()
+    yield
+    onednn._onednn_linear.cache_clear()
+
+
+def test_without_the_op_everything_runs_through_torch_mm(monkeypatch, fresh_op_check):
+    monkeypatch.setattr(onednn, "_find_op", lambda: None)
+    a, b, _ = operands()
+    with onednn.forced(True):
+        assert not onednn.uses_onednn(a, b)
+        assert torch.equal(onednn.mm(a, b), torch.mm(a, b))
+    assert onednn.choice() == "torch.mm (this torch has no usable oneDNN linear op)"
+
+
+def refuses(*args):
+    raise RuntimeError("unexpected arguments")
+
+
+def answers_wrongly(x, weight, *args):
+    return x @ weight.T + 1.0
+
+
+@pytest.mark.parametrize("op", [refuses, answers_wrongly])
+def test_an_op_that_refuses_the_check_or_fails_it_is_never_used(monkeypatch, fresh_op_check, op):
+    monkeypatch.setattr(onednn, "_find_op", lambda: op)
+    assert onednn._onednn_linear() is None
     a, b, _ = operands()
     with onednn.forced(True):
         assert not onednn.uses_onednn(a, b)
         assert torch.equal(onednn.mm(a, b), torch.mm(a, b))
 
 
-def test_an_op_that_refuses_the_call_falls_back_to_torch_mm(monkeypatch):
-    def refuses(*args):
-        raise RuntimeError("unexpected arguments")
-
-    monkeypatch.setattr(onednn, "_onednn_linear", lambda: refuses)
-    a, b, _ = operands()
-    with onednn.forced(True):
-        assert torch.equal(onednn.mm(a, b), torch.mm(a, b))
+@needs_onednn
+def test_this_torchs_op_passes_the_check(fresh_op_check):
+    assert onednn._onednn_linear() is onednn._find_op()
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["onednn", "torch.mm"])
@@ -124,14 +149,18 @@ def test_the_fused_loss_in_float32_equals_cross_entropy_through_either_kernel(ke
 
 def test_the_choice_says_which_kernel_and_why(monkeypatch):
     monkeypatch.setattr(onednn, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(onednn, "cpu_family", lambda: 26)
     monkeypatch.setattr(onednn, "cpu_flags", lambda: ["avx2", "avx512f"])
-    expected = "oneDNN (an AMD CPU with AVX-512, where MKL would run AVX2 kernels)"
     if onednn._onednn_linear() is None:
-        expected = "torch.mm (this torch has no oneDNN linear op)"
-    assert onednn.choice() == expected
-    monkeypatch.setattr(onednn, "cpu_vendor", lambda: "GenuineIntel")
-    if onednn._onednn_linear() is not None:
-        assert onednn.choice() == "torch.mm (MKL uses every instruction this CPU has)"
+        assert onednn.choice() == "torch.mm (this torch has no usable oneDNN linear op)"
+        return
+    assert onednn.choice() == (
+        "oneDNN (an AMD CPU with 512-bit AVX-512 units, where MKL runs AVX2 kernels)"
+    )
+    monkeypatch.setattr(onednn, "cpu_family", lambda: 25)
+    assert onednn.choice() == (
+        "torch.mm (oneDNN is taken only on AMD CPUs of family 26 on, where it was measured faster)"
+    )
 
 
 def test_a_run_says_in_train_log_which_kernel_runs_the_loss(one_validation_run):

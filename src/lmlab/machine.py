@@ -44,6 +44,12 @@ def cpu_flags() -> list[str] | None:
     return flags or None
 
 
+def cpu_family() -> int | None:
+    """The CPU family number `lscpu` gives (AMD: 25 Zen 4, 26 Zen 5), or None where it gives none."""
+    family = _lscpu().get("CPU family", "").strip()
+    return int(family) if family.isdigit() else None
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor as `lscpu` gives it (`GenuineIntel`, `AuthenticAMD`), or "" where it gives none."""
     return _lscpu().get("Vendor ID", "").strip()

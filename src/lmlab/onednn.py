@@ -3,18 +3,26 @@
 torch runs a float32 `torch.mm` on an x86 CPU through MKL, and MKL takes its AVX2
 kernels on a CPU that is not Intel's, AVX-512 or not. oneDNN, the other CPU library
 torch ships (its LSTM, convolution and bf16 matmul kernels), takes AVX-512 on any
-vendor's CPU. On 2 cores of an AMD EPYC family 26 (AVX-512), 2026-12-07: float32 matmuls
-of the output layer's shapes at 210 GFLOP/s through MKL and 480 through oneDNN, the
-LSTM's fused loss 2.1x faster (`benchmarks/loss_speed.py`). On an Intel CPU MKL has
-its AVX-512 kernels, and nothing changes.
+vendor's CPU. On 2 cores of an AMD EPYC family 26 (Zen 5, whose AVX-512 units are 512
+bits wide), 2026-12-07: float32 matmuls of the output layer's shapes at 210 GFLOP/s
+through MKL and 480 through oneDNN; lmlab's fused loss at the LSTM's shape in 17.9 ms
+against 28.6 ms through MKL (`benchmarks/loss_speed.py --tokens 400 --width 200 --bias`).
+
+The rule takes oneDNN only where that was measured: AMD CPUs of family 26 on. An AMD
+family 25 (Zen 4) also has AVX-512, but on 256-bit units, where it does no more
+arithmetic a cycle than MKL's AVX2; it is not measured, so it keeps MKL, as does every
+Intel CPU (MKL has its AVX-512 kernels there). `benchmarks/loss_speed.py` prints both
+kernels on any machine, to extend the rule where it pays. A fixed rule, not a
+measurement: every process of a machine decides alike, so a resumed run computes what
+the uninterrupted one did.
 
 torch offers no public switch for float32 matmuls through oneDNN (its
 `torch.backends.mkldnn.matmul.fp32_precision` reaches oneDNN only by giving up float32
 accuracy). `torch.ops.mkldnn._linear_pointwise` is the op inductor compiles CPU linear
 layers to, in every torch since 2.0; it is IEEE float32, as MKL is (tests/test_onednn.py
-checks it against `torch.mm` for every layout lmlab uses). Where the op is missing or
-refuses the call, `mm` falls back to `torch.mm`, so a torch that changes it costs speed,
-not correctness.
+checks it against `torch.mm` for every layout lmlab uses). It is checked once per
+process on a small product; where it is missing, refuses the call or gives another
+result, `mm` is `torch.mm`, so a torch that changes it costs speed, not correctness.
 """
 
 from __future__ import annotations
@@ -26,25 +34,48 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from lmlab.machine import cpu_flags, cpu_vendor
+from lmlab.machine import cpu_family, cpu_flags, cpu_vendor
 
 # Tensors, not subclasses that route ops elsewhere (DTensor under FSDP2, fake tensors).
 _PLAIN = (Tensor, torch.nn.Parameter)
 _forced: bool | None = None  # `forced()`: tests and benchmarks pin the kernel
 
 
-@functools.cache
-def _onednn_linear():
-    """oneDNN's linear op (x @ weight.T + bias), or None where this torch lacks it."""
+def _find_op():
+    """oneDNN's linear op (x @ weight.T + bias) as this torch names it, or None."""
     if not torch.backends.mkldnn.is_available():
         return None
     return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
+@functools.cache
+def _onednn_linear():
+    """`_find_op()` where it gives `torch.mm`'s product on a small check, else None."""
+    op = _find_op()
+    if op is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    try:
+        product = op(x, weight, None, "none", [], "")
+    except (RuntimeError, TypeError):  # a torch whose op takes other arguments
+        return None
+    same = isinstance(product, Tensor) and product.shape == (3, 5)
+    return op if same and torch.allclose(product, x @ weight.T, atol=1e-5) else None
+
+
+FIRST_AMD_FAMILY = 26  # Zen 5: AVX-512 on 512-bit units, measured (see above)
+
+
 def cpu_prefers_onednn() -> bool:
-    """The rule: oneDNN for float32 where MKL would run AVX2 kernels on an AVX-512 CPU (not Intel's)."""
-    flags = cpu_flags() or []
-    return cpu_vendor() == "AuthenticAMD" and "avx512f" in flags
+    """The rule: oneDNN for float32 on an AMD CPU of family 26 on with AVX-512 (see above)."""
+    family = cpu_family()
+    return (
+        cpu_vendor() == "AuthenticAMD"
+        and "avx512f" in (cpu_flags() or [])
+        and family is not None
+        and family >= FIRST_AMD_FAMILY
+    )
 
 
 @functools.cache
@@ -55,15 +86,19 @@ def _machine_choice() -> bool:
 def choice() -> str:
     """Which kernel runs the fused loss's float32 matmuls on this machine, and why (train.log)."""
     if _onednn_linear() is None:
-        return "torch.mm (this torch has no oneDNN linear op)"
+        return "torch.mm (this torch has no usable oneDNN linear op)"
     if cpu_prefers_onednn():
-        return "oneDNN (an AMD CPU with AVX-512, where MKL would run AVX2 kernels)"
-    return "torch.mm (MKL uses every instruction this CPU has)"
+        return "oneDNN (an AMD CPU with 512-bit AVX-512 units, where MKL runs AVX2 kernels)"
+    return (
+        f"torch.mm (oneDNN is taken only on AMD CPUs of family {FIRST_AMD_FAMILY} on, "
+        "where it was measured faster)"
+    )
 
 
 def uses_onednn(*tensors: Tensor) -> bool:
     """Whether `mm` of these tensors runs through oneDNN: float32 on the CPU, outside
-    torch.compile (inductor picks its own kernels), on a CPU where oneDNN is the faster."""
+    torch.compile (inductor picks its own kernels), on a CPU where oneDNN is the faster.
+    With no tensors: whether this machine's float32 matmuls do."""
     if torch.compiler.is_compiling():  # first: dynamo would break its graph on what follows
         return False
     enabled = _machine_choice() if _forced is None else _forced and _onednn_linear() is not None
@@ -92,10 +127,7 @@ def mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = No
     the caller uses the returned tensor).
     """
     if uses_onednn(a, b) and (bias is None or uses_onednn(bias)):
-        try:
-            return _onednn_linear()(a, b.t(), bias, "none", [], "")
-        except RuntimeError:  # a torch whose op takes other arguments: MKL below
-            pass
+        return _onednn_linear()(a, b.t(), bias, "none", [], "")
     if bias is None:
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     # Added after the matmul: addmm into `out` first copies the broadcast bias there,
