@@ -149,7 +149,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         default = choose_precision("auto", "cpu", WIDTH, cache_dir, needs_native_bf16=True)
     rows = {"plain nn.LSTM loop (reference)": plain_loop, "lmlab lstm, Lightning": lightning_loop}
-    if onednn.uses_onednn(torch.ones(1)):  # this machine's fp32 matmuls, and the other kernel
+    kernel = "oneDNN" if onednn.uses_onednn() else "torch.mm"  # this machine's fp32 matmuls
+    if kernel == "oneDNN":  # and the other kernel, for comparison
         rows["lmlab lstm, Lightning, fp32 matmuls by torch.mm"] = partial(
             lightning_loop, onednn_matmuls=False
         )
@@ -175,7 +176,6 @@ def main() -> None:
         label = name + (" (default)" if name == default_row else "")
         print(f"{label:45} {speed:9.0f} {speed / reference:12.3f}")
     print(f"default: trainer.precision=auto chose {default.precision} ({default.reason})")
-    kernel = "oneDNN" if onednn.uses_onednn(torch.ones(1)) else "torch.mm"
     print(f"lmlab's fp32 matmuls on this machine: {kernel} (lmlab.onednn)")
 
 

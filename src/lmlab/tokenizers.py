@@ -210,8 +210,8 @@ def _numbered_in_a_fixed_order(hf):
     special = {token["content"] for token in data["added_tokens"]}
     start = sorted(t for t in vocab if t not in merged and t not in special)
     rest = sorted((t for t in vocab if t in merged or t in special), key=vocab.get)
-    first_merged = len(special)  # the special tokens lead, as the trainer puts them
-    order = rest[:first_merged] + start + rest[first_merged:]
+    specials = len(special)  # they lead `rest` (the lowest ids, as the trainer puts them)
+    order = rest[:specials] + start + rest[specials:]
     data["model"]["vocab"] = {token: i for i, token in enumerate(order)}
     return HFTokenizer.from_str(json.dumps(data))
 
