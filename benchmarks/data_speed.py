@@ -11,8 +11,11 @@ the `small` model's training steps per second, measured in the same run.
 --synthetic-words N: a Zipfian corpus of N training words (and N / 100 for validation and
 test, at least 1,000), vocabulary --synthetic-vocab, lines of 20 words, written by the
 script into a temporary folder; then preparation cold and warm, each in a fresh process,
-and a real training run (`python train.py model=small data=text ...`, a few steps from the
-memory-mapped store, default precision, sanity validation, callbacks; no logger, no test),
+then the training split's store serving SERVED_BATCHES shuffled batches of 32 blocks of 64
+ids, read by position (`lmlab.token_file.TokenFile`, what training uses) against the same
+reads from a memory map of the file (the reference), with the file pages each leaves resident
+in this process; and a real training run (`python train.py model=small data=text ...`, a few
+steps from the store, default precision, sanity validation, callbacks; no logger, no test),
 each with its wall time and peak resident memory.
 """
 
@@ -33,13 +36,15 @@ import numpy as np
 import torch
 import yaml
 
-from lmlab.data import LMDataModule
+from lmlab.data import LMDataModule, TokenBlocks
 from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
+from lmlab.token_file import TokenFile
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "data" / "ptb.yaml"
 TRAIN_STEPS = 5
+SERVED_BATCHES = 10_000
 
 
 def datamodule(data_dir: str, cache_dir: str) -> LMDataModule:
@@ -128,6 +133,36 @@ def training_run(data_dir: str, cache: str, run_dir: str) -> tuple[float, float]
     return seconds, usage.ru_maxrss / 1024
 
 
+def resident_file_pages_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def serving(store: Path, batches: int = SERVED_BATCHES) -> dict[str, tuple[float, float]]:
+    """µs per batch and MiB of file pages left resident, shuffled batches of 32 x 64 ids from
+    `store` read by position (TokenFile), then from a memory map of it (the reference)."""
+    results = {}
+    for name, tokens in (
+        ("memory map (reference)", lambda: np.load(store, mmap_mode="r")),
+        ("read by position (lmlab)", lambda: TokenFile(store)),
+    ):
+        blocks = TokenBlocks(tokens(), 64, pad_last=False)
+        order = torch.randint(
+            0, len(blocks), (batches, 32), generator=torch.Generator().manual_seed(0)
+        )
+        before = resident_file_pages_mib()
+        start = time.perf_counter()
+        for index in order.tolist():
+            blocks[index]
+        seconds = time.perf_counter() - start
+        results[name] = (seconds / batches * 1e6, resident_file_pages_mib() - before)
+        del blocks  # a memory map gives its pages back when it is closed
+    return results
+
+
 def synthetic(words: int, vocab: int) -> None:
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
@@ -135,6 +170,8 @@ def synthetic(words: int, vocab: int) -> None:
         written = time.perf_counter() - start
         cold = in_fresh_process(folder, cache)
         warm = in_fresh_process(folder, cache)
+        (store,) = Path(cache).glob("*/train.npy")
+        served = serving(store)
         train = training_run(folder, cache, str(Path(folder) / "run"))
     print(machine_line())
     print(f"synthetic Zipfian corpus: {words:,} training words, vocabulary {vocab:,}")
@@ -147,6 +184,11 @@ def synthetic(words: int, vocab: int) -> None:
         (f"train.py model=small, {TRAIN_STEPS} steps", train),
     ):
         print(f"{name:44} {seconds:10.2f} {peak:10.0f}")
+    print(f"\nthe training split's store, {SERVED_BATCHES:,} shuffled batches of 32 x 64 ids")
+    print(f"{'read from':44} {'us/batch':>10} {'file MiB':>10}")
+    print("-" * 66)
+    for name, (micros, resident) in served.items():
+        print(f"{name:44} {micros:10.0f} {resident:10.0f}")
 
 
 def main() -> None:

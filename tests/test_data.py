@@ -8,6 +8,7 @@ import torch
 
 from lmlab.data import IGNORE_INDEX, BlockBatches, LMDataModule, TokenBlocks, token_dtype
 from lmlab.errors import UserError
+from lmlab.token_file import TokenFile
 from lmlab.vocab import tokenize
 
 from conftest import serve_folder
@@ -21,12 +22,12 @@ def datamodule(folder: Path, cache: Path, **kwargs) -> LMDataModule:
 
 
 def ids(store: np.ndarray) -> torch.Tensor:
-    """A split's (memory-mapped) token array as an int64 tensor in memory."""
+    """A split's token store (or array) as an int64 tensor in memory."""
     return torch.from_numpy(np.asarray(store, dtype=np.int64))
 
 
 def in_memory_blocks(tokens: torch.Tensor, seq_len: int, pad_last: bool):
-    """Blocks as lmlab built them before the memory-mapped store: the whole stream, viewed."""
+    """Blocks as lmlab built them before the token store: the whole stream, viewed."""
     stream = torch.cat([torch.tensor([0]), tokens])
     inputs, targets = stream[:-1], stream[1:]
     if pad_last:
@@ -39,11 +40,11 @@ def in_memory_blocks(tokens: torch.Tensor, seq_len: int, pad_last: bool):
     return inputs.view(-1, seq_len), targets.view(-1, seq_len)
 
 
-def test_the_memory_mapped_store_serves_the_batches_of_the_in_memory_blocks(corpus_dir, cache_dir):
+def test_the_token_store_serves_the_batches_of_the_in_memory_blocks(corpus_dir, cache_dir):
     dm = datamodule(corpus_dir, cache_dir, eval_batch_size=5)
     dm.setup("fit")
     store = dm.tokens["train"]
-    assert isinstance(store, np.memmap) and store.dtype == np.uint16  # 65 words fit in 16 bits
+    assert isinstance(store, TokenFile) and store.dtype == np.uint16  # 65 words fit in 16 bits
     inputs, targets = in_memory_blocks(ids(store), 16, pad_last=False)
     loader = dm.train_dataloader()
     assert loader.dataset.tokens is store  # batches gather from the file: no copy of the split

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -27,6 +28,6 @@ def test_real_ptb_token_counts_and_vocabulary(tmp_path):
     assert vocab.words[:2] == ["<eos>", "<unk>"]
     assert vocab.words[2] == "the"
     # every validation and test word is in the training vocabulary: PTB has no OOV
-    assert int((dm.tokens["valid"] == vocab.unk_id).sum()) == sum(
+    assert int((np.asarray(dm.tokens["valid"]) == vocab.unk_id).sum()) == sum(
         line.split().count("<unk>") for line in (PTB / "ptb.valid.txt").read_text().splitlines()
     )

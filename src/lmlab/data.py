@@ -28,7 +28,8 @@ from lmlab.download import download, file_digest
 from lmlab.errors import UserError
 from lmlab.loss import IGNORE_INDEX  # the target of padding positions; cross-entropy skips them
 from lmlab.progress import status
-from lmlab.streams import StreamWindows, WindowOrder, next_token_pairs
+from lmlab.streams import StreamWindows, Tokens, WindowOrder, next_token_pairs
+from lmlab.token_file import TokenFile
 from lmlab.tokenizers import Tokenizer, TokenizerSpec, tokenizer_from_dict
 from lmlab.vocab import Vocabulary
 
@@ -59,14 +60,12 @@ class TokenBlocks(Dataset):
     the first real token is predicted too and the targets are exactly the
     split's tokens. With `pad_last`, the final short block is padded (inputs
     with `<eos>`, targets with IGNORE_INDEX) so every token is a target once.
-    `tokens` is a tensor or a (memory-mapped) NumPy array: a batch gathers
-    its blocks from it, nothing is copied whole, so memory does not grow with
-    the corpus.
+    `tokens` is a tensor, a NumPy array or the cached split (`TokenFile`): a
+    batch gathers its blocks from it, nothing is copied whole, so memory does
+    not grow with the corpus.
     """
 
-    def __init__(
-        self, tokens: Tensor | np.ndarray, seq_len: int, pad_last: bool, eos_id: int = 0
-    ) -> None:
+    def __init__(self, tokens: Tokens, seq_len: int, pad_last: bool, eos_id: int = 0) -> None:
         self.tokens = tokens
         self.seq_len = seq_len
         self.eos_id = eos_id
@@ -286,7 +285,7 @@ class LMDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.tokenizer_spec = tokenizer or TokenizerSpec()
         self.cache_path: Path | None = None  # set by prepare_data
-        self.tokens: dict[str, np.ndarray] = {}  # memory-mapped token ids, by split
+        self.tokens: dict[str, TokenFile] = {}  # the cached token ids, by split
 
     # -- preparing: find or download, verify, encode once ------------------
 
@@ -425,9 +424,9 @@ class LMDataModule(L.LightningDataModule):
             self.prepare_data()
         for split in SPLITS:
             if split not in self.tokens:
-                # memory-mapped: batches read their windows from the file, which every
-                # process (each DDP rank) shares through the page cache
-                self.tokens[split] = np.load(self.cache_path / f"{split}.npy", mmap_mode="r")
+                # read by position: batches read their windows from the file, which every
+                # process (each DDP rank) shares through the page cache (lmlab.token_file)
+                self.tokens[split] = TokenFile(self.cache_path / f"{split}.npy")
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -30,6 +30,10 @@ from torch.utils.data import Dataset, Sampler
 
 from lmlab.errors import UserError
 from lmlab.loss import IGNORE_INDEX
+from lmlab.token_file import TokenFile
+
+# A split's token ids: in memory, or read from the cache by position.
+Tokens = Tensor | np.ndarray | TokenFile
 
 
 class StreamWindows(Dataset):
@@ -45,7 +49,7 @@ class StreamWindows(Dataset):
 
     def __init__(
         self,
-        tokens: Tensor | np.ndarray,
+        tokens: Tokens,
         streams: int,
         seq_len: int,
         pad_last: bool,
@@ -87,7 +91,7 @@ class StreamWindows(Dataset):
 
 
 def next_token_pairs(
-    tokens: Tensor | np.ndarray, position: Tensor, real: Tensor, eos_id: int
+    tokens: Tokens, position: Tensor, real: Tensor, eos_id: int
 ) -> tuple[Tensor, Tensor]:
     """(inputs, targets) for target `position`s in the split; position p's input is token p - 1
     (`<eos>` at position 0). Where `real` is False: input `<eos>`, target IGNORE_INDEX."""
@@ -98,8 +102,8 @@ def next_token_pairs(
     return inputs, targets
 
 
-def take_tokens(tokens: Tensor | np.ndarray, index: Tensor) -> Tensor:
-    """`tokens[index]` as int64, from a tensor or a (memory-mapped) NumPy array of any int type."""
+def take_tokens(tokens: Tokens, index: Tensor) -> Tensor:
+    """`tokens[index]` as int64, from a tensor, or a NumPy array or `TokenFile` of any int type."""
     if isinstance(tokens, Tensor):
         return tokens[index].long()
     return torch.from_numpy(np.asarray(tokens[index.numpy()], dtype=np.int64))
