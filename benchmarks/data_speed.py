@@ -241,7 +241,8 @@ def main() -> None:
                 steps.append(time.perf_counter() - start)
         step_rate = 1 / statistics.median(steps)
 
-    print(f"PTB from {args.data_dir}; median of {args.repeats}; torch {torch.__version__}")
+    print(machine_line())
+    print(f"PTB from {args.data_dir}; median of {args.repeats}")
     print(f"{'what':44} {'value':>12}")
     print("-" * 57)
     print(f"{'prepare cold (empty cache), s':44} {statistics.median(cold):12.3f}")
