@@ -147,6 +147,21 @@ def test_second_prepare_reads_the_cache(corpus_dir, cache_dir, monkeypatch):
     assert len(dm.tokens["train"]) > 0
 
 
+def test_a_damaged_cached_split_names_the_cache_and_the_fix(corpus_dir, cache_dir):
+    dm = datamodule(corpus_dir, cache_dir)
+    dm.prepare_data()
+    stored = dm.cache_path / "valid.npy"
+    stored.write_bytes(stored.read_bytes()[:-2])  # one token id short
+    dm = datamodule(corpus_dir, cache_dir)
+    with pytest.raises(UserError) as refused:
+        dm.setup()
+    assert str(refused.value) == (
+        f"the token cache {dm.cache_path} is damaged ({stored} ends before its "
+        f"{count_tokens(corpus_dir / FILES['valid'])} token ids); delete that folder and run "
+        "again to encode the corpus anew"
+    )
+
+
 def test_missing_files_offline_name_the_folder_and_files(tmp_path):
     dm = datamodule(tmp_path / "nowhere", tmp_path / "cache")
     with pytest.raises(

@@ -63,10 +63,24 @@ def test_a_file_that_is_not_one_array_of_ids_or_is_cut_short_is_refused(tmp_path
     np.save(tmp_path / "matrix.npy", np.zeros((2, 3), dtype=np.uint16))
     with pytest.raises(ValueError, match="1-D array of token ids"):
         TokenFile(tmp_path / "matrix.npy")
+    np.save(tmp_path / "floats.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="1-D array of token ids"):
+        TokenFile(tmp_path / "floats.npy")
     path = tmp_path / "cut.npy"
     np.save(path, np.arange(1000, dtype=np.uint16))
     path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="ends before its 1000 token ids"):
+        TokenFile(path)
+    (tmp_path / "text.npy").write_text("the cat sat")
+    with pytest.raises(ValueError):
+        TokenFile(tmp_path / "text.npy")
+
+
+def test_a_file_cut_short_while_open_is_refused_when_read(tmp_path):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.arange(1000, dtype=np.uint16))
     store = TokenFile(path)
+    path.write_bytes(path.read_bytes()[:-100])  # the same file, shorter
     assert np.array_equal(store[np.arange(10)], np.arange(10))
     with pytest.raises(OSError, match="ends before its 1000 token ids"):
         store[np.array([999])]

@@ -426,7 +426,13 @@ class LMDataModule(L.LightningDataModule):
             if split not in self.tokens:
                 # read by position: batches read their windows from the file, which every
                 # process (each DDP rank) shares through the page cache (lmlab.token_file)
-                self.tokens[split] = TokenFile(self.cache_path / f"{split}.npy")
+                try:
+                    self.tokens[split] = TokenFile(self.cache_path / f"{split}.npy")
+                except (OSError, ValueError) as error:  # written atomically: damaged since
+                    raise UserError(
+                        f"the token cache {self.cache_path} is damaged ({error}); delete that "
+                        "folder and run again to encode the corpus anew"
+                    ) from None
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -34,16 +34,19 @@ class TokenFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
+            version = np.lib.format.read_magic(f)  # ValueError where it is no .npy file
             if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
             else:
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
             self.offset = f.tell()
-        if len(shape) != 1 or dtype.hasobject:
+            size = os.fstat(f.fileno()).st_size
+        if len(shape) != 1 or dtype.kind not in "iu":
             raise ValueError(f"{self.path} does not hold a 1-D array of token ids")
         self.dtype = dtype
         self.length = shape[0]
+        if size < self.offset + self.nbytes:
+            raise ValueError(f"{self.path} ends before its {self.length} token ids")
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -105,7 +108,7 @@ class TokenFile:
         while view.nbytes:
             got = os.preadv(self._fd, [view], position)
             if got == 0:
-                raise OSError(f"{self.path} ends before its {self.length} token ids: delete it")
+                raise OSError(f"{self.path} ends before its {self.length} token ids")
             view, position = view[got:], position + got
 
     def __getstate__(self) -> dict:
