@@ -3,13 +3,16 @@
     python benchmarks/generate_speed.py            # 256 new tokens, median of 3 runs
     python benchmarks/generate_speed.py --quick    # a smoke run of a few seconds
     python benchmarks/generate_speed.py --layouts  # also the step on nn.Linear's weight layout
+    python benchmarks/generate_speed.py --family llama  # `llama_small` against LlamaForCausalLM
 
 Speeds are new tokens per second over the whole batch: batch x new tokens / seconds (for beam
 search, tokens of the returned sequences, not of every beam). Where `transformers` is
 importable, Hugging Face's `GPT2LMHeadModel.generate` runs the same shapes with its own cache;
 GPT-2 is the same architecture (pre-LayerNorm, tanh GELU, learned positions, tied
-embeddings), so the ratio measures the decoding loops, not the networks. Both models are
-randomly initialised: speed does not depend on the weights, and no eos stops either early.
+embeddings), so the ratio measures the decoding loops, not the networks. `--family llama`
+times `llama_small` against `LlamaForCausalLM` of the same config (`lmlab.hf.hf_config_values`,
+what `generate.py export=` writes). Both models are randomly initialised: speed does not
+depend on the weights, and no eos stops either early.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch
 from lmlab.decoding import beam_search, generate
 from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
+from lmlab.models.llama import PRESETS as LLAMA_PRESETS
+from lmlab.models.llama import LlamaConfig, LlamaLM
 
 VOCAB_SIZE = 10_000
 BLOCK_SIZE = 512  # room for the prompt plus 256 new tokens, so no window shift is timed
@@ -65,27 +70,35 @@ def lmlab_run(
     return lambda n: generate(model, prompt, n, generator=generator, use_cache=use_cache, **kwargs)
 
 
-def hf_model() -> torch.nn.Module | None:
+def hf_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """Hugging Face's model of `model`'s shapes (randomly initialised), or None without transformers."""
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        import transformers
     except ImportError:
         return None
-    small = PRESETS["small"]
-    config = GPT2Config(
-        n_layer=small["n_layer"],
-        n_embd=small["n_embd"],
-        n_head=small["n_head"],
-        vocab_size=VOCAB_SIZE,
-        n_positions=BLOCK_SIZE,
-        activation_function="gelu",  # exact GELU, as lmlab's MLP
-        # GPT-2's default ids (50256) lie outside this vocabulary; without an eos nothing
-        # stops early, as in the lmlab runs.
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = GPT2LMHeadModel(config).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+    if isinstance(model, LlamaLM):
+        from lmlab.hf import hf_config_values
+
+        config = transformers.LlamaConfig(**hf_config_values(model.config))
+        reference = transformers.LlamaForCausalLM(config).eval()
+        reference.generation_config.eos_token_id = None  # as below: nothing stops early
+    else:
+        small = PRESETS["small"]
+        config = transformers.GPT2Config(
+            n_layer=small["n_layer"],
+            n_embd=small["n_embd"],
+            n_head=small["n_head"],
+            vocab_size=VOCAB_SIZE,
+            n_positions=BLOCK_SIZE,
+            activation_function="gelu",  # exact GELU, as lmlab's MLP
+            # GPT-2's default ids (50256) lie outside this vocabulary; without an eos nothing
+            # stops early, as in the lmlab runs.
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        reference = transformers.GPT2LMHeadModel(config).eval()
+    reference.generation_config.pad_token_id = 0
+    return reference
 
 
 def hf_run(model: torch.nn.Module, case: Case, prompt: torch.Tensor) -> Callable[[int], object]:
@@ -121,20 +134,29 @@ def main() -> None:
         action="store_true",
         help="also time the one-token step on nn.Linear's own weight layout against its copies",
     )
+    parser.add_argument(
+        "--family", choices=("gpt", "llama"), default="gpt", help="gpt `small` or `llama_small`"
+    )
     args = parser.parse_args()
     new_tokens, repeats = (16, 1) if args.quick else (args.new_tokens, args.repeats)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    config = GPTConfig(**{**PRESETS["small"], "vocab_size": VOCAB_SIZE, "block_size": BLOCK_SIZE})
-    model = GPTLM(config).eval()
-    reference = None if args.no_hf else hf_model()
+    shape = {"vocab_size": VOCAB_SIZE, "block_size": BLOCK_SIZE}
+    if args.family == "llama":
+        config = LlamaConfig(**{**LLAMA_PRESETS["llama_small"], **shape})
+        model = LlamaLM(config).eval()
+    else:
+        config = GPTConfig(**{**PRESETS["small"], **shape})
+        model = GPTLM(config).eval()
+    reference = None if args.no_hf else hf_model(model)
     cases = [Case(method, b) for method in ("greedy", "sample", "beam4") for b in (1, 8)]
 
     print(machine_line())
     print(
-        f"model 'small': {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+        f"model {'llama_small' if args.family == 'llama' else 'small'} ({args.family}): "
+        f"{config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
         f"vocab {config.vocab_size}, block {config.block_size}; prompt {PROMPT_LEN} tokens, "
         f"{new_tokens} new tokens; median of {repeats}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
@@ -144,7 +166,8 @@ def main() -> None:
     else:
         import transformers
 
-        print(f"reference: transformers {transformers.__version__} GPT2LMHeadModel.generate")
+        name = type(reference).__name__
+        print(f"reference: transformers {transformers.__version__} {name}.generate")
     print("speeds in new tokens/s (batch x new tokens / seconds)\n")
     header = f"{'method':<8}{'batch':>6}{'cache':>10}{'no cache':>10}{'cache x':>9}"
     if reference is not None:
@@ -173,7 +196,7 @@ def main() -> None:
             line += f"{speeds['hf']:>10.0f}{speeds[True] / speeds['hf']:>10.2f}"
         print(line, flush=True)
     mixed_lengths(model, new_tokens, repeats)
-    if args.layouts:
+    if args.layouts and args.family == "gpt":
         layouts(model, new_tokens, repeats)
 
 

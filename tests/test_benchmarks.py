@@ -44,6 +44,24 @@ def test_generate_speed_prints_every_method_and_batch():
     assert float(padded[-1].rstrip("x")) == pytest.approx(fast / slow, abs=rounding)
 
 
+def test_generate_speed_times_llama_against_hugging_faces_llama():
+    result = run_entry_point(
+        "benchmarks/generate_speed.py", "--quick", "--cache-only", "--family", "llama"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model llama_small (llama): 2 layers" in result.stdout
+    assert "LlamaForCausalLM.generate" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()]
+    rows = {(w[0], w[1]): w[2:] for w in rows if w and w[0] in ("greedy", "sample", "beam4")}
+    assert set(rows) == {(m, b) for m in ("greedy", "sample", "beam4") for b in ("1", "8")}
+    for cached, _, _, hf, ratio in rows.values():
+        cached, hf = float(cached), float(hf)
+        assert cached > 0 and hf > 0
+        assert float(ratio) == pytest.approx(
+            cached / hf, abs=cached / hf * (0.5 / cached + 0.5 / hf) + 0.005
+        )
+
+
 def test_train_speed_prints_every_variant(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script
     spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks/train_speed.py")

@@ -260,6 +260,9 @@ class LlamaLM(nn.Module):
         `pad_mask` (B, T), True at left padding, as in `gpt`: never attended to,
         each row's positions counted from its first real token.
         """
+        if state is not None and idx.size(1) == 1 and not self.training and targets is None:
+            state.start_rows(pad_mask)
+            return self._decode_one(idx, state)
         return self.output(self.hidden_states(idx, state, pad_mask), targets, reduction)
 
     def hidden_states(
@@ -289,3 +292,82 @@ class LlamaLM(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss."""
         return output_layer(self.lm_head, hidden, targets, reduction)
+
+    def _decode_one(self, idx: Tensor, cache: KVCache) -> Tensor:
+        """`forward` for one new position per row in eval mode, same math, same result.
+
+        As `gpt`'s: the functional ops on the step's matrices (`_step_weights`), no
+        `nn.Module` calls (dropout is off in eval mode), the rotation read from a table
+        made once per cache. tests/test_llama.py checks it equals `forward` to float32
+        rounding.
+        """
+        B, c = idx.size(0), self.config
+        nh, nkv, hd, C = c.n_head, c.kv_heads, c.head_dim, c.n_embd
+        if cache.length >= cache.max_len:
+            raise ValueError(f"KV cache overflow: {cache.length + 1} positions > {cache.max_len}")
+        offset = cache.offset
+        if cache.static:  # the position read on the device, the whole buffer attended to
+            where = cache.position if offset is None else cache.position - offset
+            mask = cache.step_mask()
+        else:  # a row's own position; every cached slot, or each row's real ones
+            where = cache.length if offset is None else cache.length - offset
+            mask = None if offset is None else visible(cache.length, 1, offset, idx.device)
+        if cache.step_weights is None:  # the cache's first one-token step
+            cache.step_weights = self._step_weights(cache.max_len)
+        layers, head, tables = cache.step_weights
+        # (1, hd) for every row alike, (B, 1, 1, hd) per row: broadcast over the heads
+        shape = (1, hd) if offset is None else (B, 1, 1, hd)
+        cos, sin = (table[where].view(shape) for table in tables)
+        x = self.token_embedding.weight[idx[:, 0]]  # (B, C)
+        for i, (block, (qkv_t, proj_t, gate_up_t, down_t)) in enumerate(zip(self.blocks, layers)):
+            h = F.rms_norm(x, (C,), block.norm_attn.weight, block.norm_attn.eps)
+            q, k, v = (h @ qkv_t).split((nh * hd, nkv * hd, nkv * hd), dim=1)
+            q = rotate(q.view(B, nh, 1, hd), cos, sin)
+            k = rotate(k.view(B, nkv, 1, hd), cos, sin)
+            v = v.view(B, nkv, 1, hd)
+            if cache.static:
+                k, v = cache.write_step(i, k, v)
+            else:
+                k, v = cache.update(i, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+            x = x + y.view(B, nh * hd) @ proj_t
+            h = F.rms_norm(x, (C,), block.norm_mlp.weight, block.norm_mlp.eps)
+            gate, up = (h @ gate_up_t).chunk(2, dim=1)
+            x = x + (F.silu(gate) * up) @ down_t
+        cache.advance(1)
+        x = F.rms_norm(x, (C,), self.norm_final.weight, self.norm_final.eps)
+        return (x @ head)[:, None]  # (B, 1, vocab)
+
+    def _step_weights(
+        self, max_len: int
+    ) -> tuple[list[tuple[Tensor, ...]], Tensor, tuple[Tensor, Tensor]]:
+        """The one-token step's matrices as (in, out): per layer q, k and v side by side, the
+        attention's output, gate and up side by side, down; the output layer; and the
+        rotation's cos and sin for positions 0 to max_len - 1.
+
+        Made once per KV cache (that is, per decoding call), as `gpt`'s: one matmul for q, k,
+        v and one for gate and up instead of three and two, each reading a contiguous (in,
+        out) matrix; they cost one more copy of the block weights while a cache lives. The
+        output layer is a transposed copy on CPU and a view elsewhere, as in `gpt`.
+        """
+
+        def laid_out(*linears: nn.Linear) -> Tensor:
+            return torch.cat([linear.weight.detach().t() for linear in linears], dim=1)
+
+        layers = [
+            (
+                laid_out(block.attn.q, block.attn.k, block.attn.v),
+                laid_out(block.attn.proj),
+                laid_out(block.mlp.gate, block.mlp.up),
+                laid_out(block.mlp.down),
+            )
+            for block in self.blocks
+        ]
+        head = self.lm_head.weight.detach().t()
+        if head.device.type == "cpu":
+            head = head.contiguous()
+        device = head.device
+        tables = rope_tables(
+            self.config.head_dim, torch.arange(max_len, device=device), self.config.rope_theta
+        )
+        return layers, head, tables
