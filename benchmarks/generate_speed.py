@@ -4,6 +4,7 @@
     python benchmarks/generate_speed.py --quick    # a smoke run of a few seconds
     python benchmarks/generate_speed.py --layouts  # also the step on nn.Linear's weight layout
     python benchmarks/generate_speed.py --family llama  # `llama_small` against LlamaForCausalLM
+    python benchmarks/generate_speed.py --kernels  # also the step's products through MKL only
 
 Speeds are new tokens per second over the whole batch: batch x new tokens / seconds (for beam
 search, tokens of the returned sequences, not of every beam). Where `transformers` is
@@ -30,6 +31,7 @@ from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
 from lmlab.models.llama import PRESETS as LLAMA_PRESETS
 from lmlab.models.llama import LlamaConfig, LlamaLM
+from lmlab.onednn import forced, uses_onednn
 
 VOCAB_SIZE = 10_000
 BLOCK_SIZE = 512  # room for the prompt plus 256 new tokens, so no window shift is timed
@@ -135,6 +137,11 @@ def main() -> None:
         help="also time the one-token step on nn.Linear's own weight layout against its copies",
     )
     parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also time the step as this machine runs it against its products all through MKL",
+    )
+    parser.add_argument(
         "--family", choices=("gpt", "llama"), default="gpt", help="gpt `small` or `llama_small`"
     )
     args = parser.parse_args()
@@ -198,6 +205,8 @@ def main() -> None:
     mixed_lengths(model, new_tokens, repeats)
     if args.layouts and args.family == "gpt":
         layouts(model, new_tokens, repeats)
+    if args.kernels:
+        kernels(model, new_tokens, repeats)
 
 
 class LinearLayout(GPTLM):
@@ -222,6 +231,31 @@ def layouts(model: GPTLM, new_tokens: int, repeats: int) -> None:
         print(
             f"{case.method:<8}{case.batch_size:>6}{copies:>10.0f}{layout:>10.0f}"
             f"{copies / layout:>10.2f}",
+            flush=True,
+        )
+
+
+def kernels(model: torch.nn.Module, new_tokens: int, repeats: int) -> None:
+    """Speed of the step as this machine runs it (`lmlab.onednn.step_mm`) over the same step
+    with every product through torch.mm (MKL on x86), the step as it was before oneDNN."""
+    chosen = "oneDNN from 4 rows and for the output layer" if uses_onednn() else "torch.mm"
+    print(f"\nthe step's products: this machine's ({chosen}) against torch.mm only")
+    print(f"{'method':<8}{'batch':>6}{'chosen':>10}{'torch.mm':>10}{'chosen x':>10}")
+    for case in [Case(method, b) for method in ("greedy", "beam4") for b in (1, 8)]:
+        prompt = torch.randint(0, VOCAB_SIZE, (case.batch_size, PROMPT_LEN))
+        run = lmlab_run(model, case, prompt, True)
+
+        def through_mm(n: int, run: Callable[[int], object] = run) -> object:
+            with forced(False):
+                return run(n)
+
+        seconds = median_seconds({"chosen": run, "mm": through_mm}, new_tokens, repeats)
+        chosen_speed, mm_speed = (
+            case.batch_size * new_tokens / seconds[k] for k in ("chosen", "mm")
+        )
+        print(
+            f"{case.method:<8}{case.batch_size:>6}{chosen_speed:>10.0f}{mm_speed:>10.0f}"
+            f"{chosen_speed / mm_speed:>10.2f}",
             flush=True,
         )
 

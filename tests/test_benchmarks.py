@@ -46,12 +46,23 @@ def test_generate_speed_prints_every_method_and_batch():
 
 def test_generate_speed_times_llama_against_hugging_faces_llama():
     result = run_entry_point(
-        "benchmarks/generate_speed.py", "--quick", "--cache-only", "--family", "llama"
+        "benchmarks/generate_speed.py", "--quick", "--cache-only", "--family", "llama", "--kernels"
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "model llama_small (llama): 2 layers" in result.stdout
-    assert "LlamaForCausalLM.generate" in result.stdout
-    rows = [line.split() for line in result.stdout.splitlines()]
+    main, kernel_table = result.stdout.split("the step's products: ")
+    kernel_rows = [
+        w for w in map(str.split, kernel_table.splitlines()) if w[:1] in (["greedy"], ["beam4"])
+    ]
+    assert [(w[0], w[1]) for w in kernel_rows] == [
+        (m, b) for m in ("greedy", "beam4") for b in "18"
+    ]
+    for chosen, through_mm, ratio in (map(float, w[2:]) for w in kernel_rows):
+        assert chosen > 0 and through_mm > 0
+        rounding = chosen / through_mm * (0.5 / chosen + 0.5 / through_mm) + 0.005
+        assert ratio == pytest.approx(chosen / through_mm, abs=rounding)
+    assert "model llama_small (llama): 2 layers" in main
+    assert "LlamaForCausalLM.generate" in main
+    rows = [line.split() for line in main.splitlines()]
     rows = {(w[0], w[1]): w[2:] for w in rows if w and w[0] in ("greedy", "sample", "beam4")}
     assert set(rows) == {(m, b) for m in ("greedy", "sample", "beam4") for b in ("1", "8")}
     for cached, _, _, hf, ratio in rows.values():

@@ -191,3 +191,47 @@ def test_a_weight_gradient_larger_than_a_chunk_is_summed_in_place(monkeypatch):
     plain = F.cross_entropy(hidden @ weight.T, targets)
     for got, expected in zip(grads, torch.autograd.grad(plain, (hidden, weight))):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@needs_onednn
+def test_a_decoding_step_takes_onednn_from_step_rows_and_for_the_output_layer_always(monkeypatch):
+    rows_seen = []
+    real_mm = onednn.mm
+
+    def spy(a, *args, **kwargs):
+        rows_seen.append(a.size(0))
+        return real_mm(a, *args, **kwargs)
+
+    monkeypatch.setattr(onednn, "mm", spy)
+    weight_t, bias = torch.randn(24, 53), torch.randn(53)
+    with onednn.forced(True):
+        for rows in (1, onednn.STEP_ROWS - 1, onednn.STEP_ROWS, 8):
+            x = torch.randn(rows, 24)
+            block = onednn.step_mm(x, weight_t, bias)
+            head = onednn.step_mm(x, weight_t, head=True)
+            torch.testing.assert_close(block, torch.addmm(bias, x, weight_t), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(head, x @ weight_t, rtol=1e-5, atol=1e-5)
+    step = onednn.STEP_ROWS
+    assert rows_seen == [1, step - 1, step, step, 8, 8]
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_decoding_step_gives_the_same_logits_through_either_kernel(family):
+    from lmlab.models import build_model, config_from_dict
+
+    torch.manual_seed(0)
+    values = dict(family=family, vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = build_model(config_from_dict(values)).eval()
+    idx = torch.randint(
+        0, 50, (onednn.STEP_ROWS + 1, 10), generator=torch.Generator().manual_seed(1)
+    )
+    logits = {}
+    for kernel in (True, False):
+        with onednn.forced(kernel), torch.no_grad():
+            cache = model.new_state(idx.size(0), max_len=10)
+            model(idx[:, :6], state=cache)
+            logits[kernel] = torch.cat(
+                [model(idx[:, i : i + 1], state=cache) for i in range(6, 10)], 1
+            )
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)

@@ -133,3 +133,16 @@ def mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = No
     # Added after the matmul: addmm into `out` first copies the broadcast bias there,
     # a full extra pass.
     return (torch.mm(a, b) if out is None else torch.mm(a, b, out=out)).add_(bias)
+
+
+# The fewest rows from which a decoding step's products go through oneDNN where
+# `uses_onednn`: below, MKL's one-row kernels are the faster (set per product in `step_mm`).
+STEP_ROWS = 4
+
+
+def step_mm(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, head: bool = False) -> Tensor:
+    """`x @ weight_t + bias` in a one-token decoding step: `mm` from STEP_ROWS rows of `x` on
+    (or from one row for the output layer, `head`), `torch.mm`/`torch.addmm` below."""
+    if x.size(0) >= (1 if head else STEP_ROWS) and uses_onednn(x, weight_t):
+        return mm(x, weight_t, bias)
+    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)

@@ -20,6 +20,7 @@ from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
+from lmlab.onednn import step_mm
 
 
 @dataclass
@@ -309,7 +310,7 @@ class GPTLM(nn.Module):
             x = x + _affine(h, fc_proj_t, mlp.proj.bias)
         cache.advance(1)
         x = F.layer_norm(x, (C,), self.ln_final.weight, self.ln_final.bias)
-        return (x @ head)[:, None]  # (B, 1, vocab)
+        return step_mm(x, head, head=True)[:, None]  # (B, 1, vocab)
 
     def _step_weights(self, copies: bool | None = None) -> tuple[list[tuple[Tensor, ...]], Tensor]:
         """The one-token step's matrices as (in, out): per layer qkv, proj, fc and the MLP's
@@ -343,4 +344,4 @@ class GPTLM(nn.Module):
 
 def _affine(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
     """`F.linear(x, weight_t.T, bias)` for a weight given as (in, out)."""
-    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+    return step_mm(x, weight_t, bias)

@@ -27,6 +27,7 @@ from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
+from lmlab.onednn import step_mm
 
 
 @dataclass
@@ -321,7 +322,7 @@ class LlamaLM(nn.Module):
         x = self.token_embedding.weight[idx[:, 0]]  # (B, C)
         for i, (block, (qkv_t, proj_t, gate_up_t, down_t)) in enumerate(zip(self.blocks, layers)):
             h = F.rms_norm(x, (C,), block.norm_attn.weight, block.norm_attn.eps)
-            q, k, v = (h @ qkv_t).split((nh * hd, nkv * hd, nkv * hd), dim=1)
+            q, k, v = step_mm(h, qkv_t).split((nh * hd, nkv * hd, nkv * hd), dim=1)
             q = rotate(q.view(B, nh, 1, hd), cos, sin)
             k = rotate(k.view(B, nkv, 1, hd), cos, sin)
             v = v.view(B, nkv, 1, hd)
@@ -330,13 +331,13 @@ class LlamaLM(nn.Module):
             else:
                 k, v = cache.update(i, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
-            x = x + y.view(B, nh * hd) @ proj_t
+            x = x + step_mm(y.view(B, nh * hd), proj_t)
             h = F.rms_norm(x, (C,), block.norm_mlp.weight, block.norm_mlp.eps)
-            gate, up = (h @ gate_up_t).chunk(2, dim=1)
-            x = x + (F.silu(gate) * up) @ down_t
+            gate, up = step_mm(h, gate_up_t).chunk(2, dim=1)
+            x = x + step_mm(F.silu(gate) * up, down_t)
         cache.advance(1)
         x = F.rms_norm(x, (C,), self.norm_final.weight, self.norm_final.eps)
-        return (x @ head)[:, None]  # (B, 1, vocab)
+        return step_mm(x, head, head=True)[:, None]  # (B, 1, vocab)
 
     def _step_weights(
         self, max_len: int
