@@ -136,7 +136,11 @@ def mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = No
 
 
 # The fewest rows from which a decoding step's products go through oneDNN where
-# `uses_onednn`: below, MKL's one-row kernels are the faster (set per product in `step_mm`).
+# `uses_onednn`. On the AMD EPYC family 26 (2 threads, 2026-12-07), on the step's (in, out)
+# copies: one row of the `small` block's products is faster through MKL (256 x 768: 9.7
+# against 25 us), 4 rows and more through oneDNN (8 rows of 256 x 1,024: 56 against 86 us);
+# the output layer (256 x 10,000) through oneDNN from one row (89 against 118 us; 8 rows:
+# 130 against 531). End to end: `benchmarks/generate_speed.py --kernels`.
 STEP_ROWS = 4
 
 
