@@ -147,7 +147,8 @@ def test_second_prepare_reads_the_cache(corpus_dir, cache_dir, monkeypatch):
     assert len(dm.tokens["train"]) > 0
 
 
-def test_a_damaged_cached_split_names_the_cache_and_the_fix(corpus_dir, cache_dir):
+def test_a_damaged_cached_split_names_the_cache_and_the_fix(corpus_dir, tmp_path):
+    cache_dir = tmp_path / "cache"  # its own: the shared one serves the other tests
     dm = datamodule(corpus_dir, cache_dir)
     dm.prepare_data()
     stored = dm.cache_path / "valid.npy"
