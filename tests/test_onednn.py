@@ -235,3 +235,46 @@ def test_the_decoding_step_gives_the_same_logits_through_either_kernel(family):
                 [model(idx[:, i : i + 1], state=cache) for i in range(6, 10)], 1
             )
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_gives_f_linears_output_and_gradients_through_onednn(with_bias):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 7, 24, generator=generator, requires_grad=True)
+    weight = torch.randn(40, 24, generator=generator, requires_grad=True)
+    bias = torch.randn(40, generator=generator, requires_grad=True) if with_bias else None
+    upstream = torch.randn(3, 7, 40, generator=generator)
+    results = {}
+    for kernel in (True, False):
+        with onednn.forced(kernel):
+            y = onednn.linear(x, weight, bias)
+        inputs = (x, weight) if bias is None else (x, weight, bias)
+        results[kernel] = (y, *torch.autograd.grad(y, inputs, upstream))
+    with onednn.forced(False):
+        assert torch.equal(results[False][0], F.linear(x, weight, bias))  # exactly F.linear
+    for got, expected in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_leaves_autocast_and_frozen_inputs_to_torch():
+    x, weight = torch.randn(5, 24), torch.randn(40, 24, requires_grad=True)
+    with onednn.forced(True), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn.linear(x, weight).dtype == torch.bfloat16  # autocast's own F.linear
+    with onednn.forced(True):
+        y = onednn.linear(x, weight)  # x needs no gradient: only the weight's is made
+        (grad,) = torch.autograd.grad(y.sum(), weight)
+    torch.testing.assert_close(grad, torch.ones(5, 40).t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_state():
+    torch.manual_seed(0)
+    module = onednn.Linear(24, 40)
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(24, 40)
+    assert isinstance(module, torch.nn.Linear)
+    assert module.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), plain.parameters()))
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(module(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -32,7 +32,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lmlab.machine import cpu_family, cpu_flags, cpu_vendor
 
@@ -150,3 +152,43 @@ def step_mm(x: Tensor, weight_t: Tensor, bias: Tensor | None = None, head: bool 
     if x.size(0) >= (1 if head else STEP_ROWS) and uses_onednn(x, weight_t):
         return mm(x, weight_t, bias)
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+
+
+class _Linear(torch.autograd.Function):
+    """`F.linear` on a 2-D input, its three products through `mm` (oneDNN where it runs)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return mm(x, weight.t(), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        want_x, want_weight, want_bias = ctx.needs_input_grad
+        grad_x = mm(grad, weight) if want_x else None
+        grad_weight = mm(grad.t(), x) if want_weight else None
+        grad_bias = grad.sum(0) if ctx.has_bias and want_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, its products (forward and backward) through oneDNN where
+    `uses_onednn` and autocast is off; `F.linear` everywhere else (under autocast, compile,
+    on other dtypes, devices and CPUs), so bf16 and compiled runs are unchanged."""
+    if torch.is_autocast_enabled(x.device.type) or not uses_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if bias is not None and not uses_onednn(bias):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.size(-1))
+    return _Linear.apply(rows, weight, bias).view(*x.shape[:-1], weight.size(0))
+
+
+class Linear(torch.nn.Linear):
+    """`nn.Linear` whose float32 products on the CPUs of `cpu_prefers_onednn` run through
+    oneDNN (`linear`); the same parameters, state dict keys and initialisation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

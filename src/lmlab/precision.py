@@ -29,6 +29,7 @@ import torch
 from lmlab.errors import UserError
 from lmlab.machine import cpu_flags, cpu_model, native_bf16
 from lmlab.machine_cache import MachineCache, machine_key
+from lmlab.onednn import mm, uses_onednn
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def choose_precision(
         # kernels (oneDNN's LSTM) have no bf16 path at all: no need to measure
         return Choice("32-true", f"{cpu_model()} has no bf16 matmul instructions")
     shape = matmul_shape(width)
-    key = machine_key(str(shape))
+    # fp32 matmuls as the model runs them: through oneDNN where lmlab.onednn takes it (a
+    # measurement cached from torch.mm's fp32 rate there would misjudge it)
+    key = machine_key(str(shape), *(["fp32 through oneDNN"] if uses_onednn() else []))
     cache = MachineCache(cache_dir, CACHE_FILE)
     speedup, how = cache.read().get(key), "cached"
     if not isinstance(speedup, (int, float)):  # none yet, or not a number: measure
@@ -119,11 +122,12 @@ def bf16_speedup(m: int, k: int, n: int) -> float:
 
 
 def _best_time(a: torch.Tensor, b: torch.Tensor, give_up_after: float = math.inf) -> float:
-    torch.mm(a, b)  # warm-up: first-call set-up is no part of the rate
+    """Best of REPEATS of `a @ b` as a model's layer computes it (`lmlab.onednn.mm`)."""
+    mm(a, b)  # warm-up: first-call set-up is no part of the rate
     best = math.inf
     for _ in range(REPEATS):
         start = time.perf_counter()
-        torch.mm(a, b)
+        mm(a, b)
         best = min(best, time.perf_counter() - start)
         if best > give_up_after:  # slow beyond doubt: more samples would only cost time
             break

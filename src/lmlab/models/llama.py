@@ -27,7 +27,7 @@ from lmlab.models.attention import causal_attention, prefers_written_out
 from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
-from lmlab.onednn import step_mm
+from lmlab.onednn import Linear, step_mm
 
 
 @dataclass
@@ -127,10 +127,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.theta = config.rope_theta
-        self.q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.k = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
-        self.v = nn.Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
-        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.q = Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k = Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
+        self.v = Linear(config.n_embd, config.kv_heads * config.head_dim, bias=False)
+        self.proj = Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.attn_dropout = config.attn_dropout
         self.weights_dropout = Dropout(config.attn_dropout)  # when written out on CPU
         self.resid_dropout = Dropout(config.dropout)
@@ -176,9 +176,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.hidden, bias=False)
-        self.up = nn.Linear(config.n_embd, config.hidden, bias=False)
-        self.down = nn.Linear(config.hidden, config.n_embd, bias=False)
+        self.gate = Linear(config.n_embd, config.hidden, bias=False)
+        self.up = Linear(config.n_embd, config.hidden, bias=False)
+        self.down = Linear(config.hidden, config.n_embd, bias=False)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -215,7 +215,7 @@ class LlamaLM(nn.Module):
         self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_final = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         for module in self.modules():

@@ -34,6 +34,7 @@ from lmlab.checks import is_real
 from lmlab.loss import output_layer
 from lmlab.models.dropout import LockedDropout, embedding_dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
+from lmlab.onednn import Linear
 
 
 @dataclass
@@ -154,7 +155,7 @@ class LSTMLM(nn.Module):
         self.dropout_input = LockedDropout(config.dropout_input)
         self.dropout_hidden = LockedDropout(config.dropout_hidden)
         self.dropout = LockedDropout(config.dropout)
-        self.lm_head = nn.Linear(config.widths()[-1], config.vocab_size)
+        self.lm_head = Linear(config.widths()[-1], config.vocab_size)
         if config.tie_weights:
             self.lm_head.weight = self.token_embedding.weight
         nn.init.uniform_(self.token_embedding.weight, -config.init_range, config.init_range)
