@@ -165,7 +165,7 @@ def test_the_choice_says_which_kernel_and_why(monkeypatch):
 
 def test_a_run_says_in_train_log_which_kernel_runs_the_loss(one_validation_run):
     log = (one_validation_run / "train.log").read_text()
-    assert f"float32 matmuls of the fused loss: {onednn.choice()}" in log
+    assert f"float32 matmuls of the linear layers and the fused loss: {onednn.choice()}" in log
 
 
 def test_a_weight_gradient_larger_than_a_chunk_is_summed_in_place(monkeypatch):

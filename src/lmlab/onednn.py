@@ -8,6 +8,9 @@ bits wide), 2026-12-07: float32 matmuls of the output layer's shapes at 210 GFLO
 through MKL and 480 through oneDNN; lmlab's fused loss at the LSTM's shape in 17.9 ms
 against 28.6 ms through MKL (`benchmarks/loss_speed.py --tokens 400 --width 200 --bias`).
 
+lmlab's fused loss (`mm`), its models' linear layers (`Linear`, forward and backward) and
+their one-token decoding step (`step_mm`) take oneDNN where `uses_onednn`.
+
 The rule takes oneDNN only where that was measured: AMD CPUs of family 26 on. An AMD
 family 25 (Zen 4) also has AVX-512, but on 256-bit units, where it does no more
 arithmetic a cycle than MKL's AVX2; it is not measured, so it keeps MKL, as does every
@@ -86,7 +89,8 @@ def _machine_choice() -> bool:
 
 
 def choice() -> str:
-    """Which kernel runs the fused loss's float32 matmuls on this machine, and why (train.log)."""
+    """Which kernel runs the float32 matmuls of the linear layers and the fused loss on this
+    machine, and why (train.log)."""
     if _onednn_linear() is None:
         return "torch.mm (this torch has no usable oneDNN linear op)"
     if cpu_prefers_onednn():

@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> dict:
         needs_native_bf16=module.model.needs_native_bf16,
     )
     log.info("precision %s: %s", precision.precision, precision.reason)
-    log.info("float32 matmuls of the fused loss: %s", onednn.choice())
+    log.info("float32 matmuls of the linear layers and the fused loss: %s", onednn.choice())
     plugins = [*instantiate(cfg.trainer.get("plugins") or []), AtomicCheckpointIO()]
     trainer = instantiate(
         cfg.trainer,
