@@ -134,6 +134,20 @@ def test_token_blocks_pad_only_the_last_evaluation_block():
     assert len(train) == 2
 
 
+def test_loader_workers_serve_the_batches_the_main_process_does(corpus_dir, cache_dir):
+    # Forked workers share the store's open file (reads give their offset), so each serves
+    # exactly the batches of the main process.
+    served = {}
+    for workers in (0, 2):
+        dm = datamodule(corpus_dir, cache_dir, num_workers=workers)
+        dm.setup("fit")
+        served[workers] = list(dm.train_dataloader()), list(dm.val_dataloader())
+    for alone, with_workers in zip(served[0], served[2], strict=True):
+        assert len(alone) == len(with_workers) > 0
+        for (x, y), (x2, y2) in zip(alone, with_workers, strict=True):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_second_prepare_reads_the_cache(corpus_dir, cache_dir, monkeypatch):
     datamodule(corpus_dir, cache_dir).prepare_data()
 
