@@ -338,3 +338,31 @@ def test_a_static_kv_cache_shifts_its_window_and_overflows_as_the_sliced_one(nam
             logits[static] = torch.stack(out)
             torch.testing.assert_close(logits[static][-1], model(idx[:, 6:18])[:, -1])
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_the_one_token_step_equals_the_module_path(name: str, static: bool, padded: bool) -> None:
+    # In eval mode a one-token step with a cache runs functional ops on the step's copies of
+    # the matrices (gpt: transposed; llama: fused and transposed, the rotation from a table);
+    # train mode with dropout 0 takes the module path: the two agree to float32 rounding.
+    model = tiny(name, dropout=0.0)
+    idx = tokens((3, 12), seed=5)
+    pad_mask = None
+    if padded:  # rows of 4, 2 and 0 leading padding slots
+        pad_mask = torch.arange(5)[None] < torch.tensor([[4], [2], [0]])
+        idx[:, :5] = idx[:, :5].masked_fill(pad_mask, 0)
+    steps = {}
+    with torch.no_grad():
+        for training in (True, False):
+            model.train(training)
+            cache = static_cache(model, 3, max_len=12) if static else model.new_state(3, 12)
+            model(idx[:, :5], state=cache, pad_mask=pad_mask)
+            steps[training] = torch.cat(
+                [model(idx[:, i : i + 1], state=cache) for i in range(5, 12)], 1
+            )
+            assert cache.length == 12
+            with pytest.raises(ValueError, match="KV cache overflow: 13 positions > 12"):
+                model(idx[:, :1], state=cache)
+    torch.testing.assert_close(steps[False], steps[True], rtol=1e-5, atol=1e-5)

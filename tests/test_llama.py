@@ -62,34 +62,6 @@ def test_decoding_can_read_past_the_training_window() -> None:
     assert torch.equal(wide, full)
 
 
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("padded", [False, True])
-def test_one_position_decode_path_equals_the_module_path(static: bool, padded: bool) -> None:
-    # In eval mode a one-token step with a cache runs functional ops on fused, transposed
-    # copies of the matrices and a rotation table; train mode (dropout 0) takes the module
-    # path, so the two must agree to float32 rounding, step by step.
-    model = tiny(dropout=0.0)
-    idx = torch.randint(1, 40, (3, 12), generator=torch.Generator().manual_seed(5))
-    pad_mask = None
-    if padded:  # rows of 4, 2 and 0 leading padding slots
-        pad_mask = torch.arange(5)[None] < torch.tensor([[4], [2], [0]])
-        idx[:, :5] = idx[:, :5].masked_fill(pad_mask, 0)
-    steps = {}
-    with torch.no_grad():
-        for training in (True, False):
-            model.train(training)
-            cache = model.new_state(3, max_len=12)
-            cache.static = static
-            model(idx[:, :5], state=cache, pad_mask=pad_mask)
-            steps[training] = torch.cat(
-                [model(idx[:, i : i + 1], state=cache) for i in range(5, 12)], 1
-            )
-            assert cache.length == 12
-            with pytest.raises(ValueError, match="KV cache overflow: 13 positions > 12"):
-                model(idx[:, :1], state=cache)
-    torch.testing.assert_close(steps[False], steps[True], rtol=1e-5, atol=1e-5)
-
-
 def test_decoding_reads_the_weights_as_they_are_at_each_call() -> None:
     # The step's fused copies are made once per KV cache: a decoding call after the weights
     # change must see the new weights, not copies left from the call before.
