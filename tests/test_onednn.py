@@ -278,3 +278,14 @@ def test_linear_module_is_an_nn_linear_with_the_same_state():
     assert all(torch.equal(a, b) for a, b in zip(module.parameters(), plain.parameters()))
     x = torch.randn(6, 24)
     torch.testing.assert_close(module(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_an_empty_batch_goes_through_torch_forward_and_backward():
+    x = torch.empty(0, 8, requires_grad=True)
+    weight, bias = torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True)
+    with onednn.forced(True):
+        y = onednn.linear(x, weight, bias)
+        y.sum().backward()
+    assert y.shape == (0, 4)
+    assert torch.equal(weight.grad, torch.zeros(4, 8)) and torch.equal(bias.grad, torch.zeros(4))

@@ -132,7 +132,8 @@ def mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = No
     `out` if given (oneDNN's op has no `out=`: where it runs, `out` is left alone, and
     the caller uses the returned tensor).
     """
-    if uses_onednn(a, b) and (bias is None or uses_onednn(bias)):
+    empty = a.numel() == 0 or b.numel() == 0  # oneDNN has no primitive for an empty product
+    if not empty and uses_onednn(a, b) and (bias is None or uses_onednn(bias)):
         return _onednn_linear()(a, b.t(), bias, "none", [], "")
     if bias is None:
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
