@@ -39,18 +39,18 @@ import torch
 from lmlab.atomic import write_atomically
 from lmlab.download import download, is_url
 from lmlab.errors import UserError, brief, report_user_errors
+from lmlab.hf import CONFIG_FILE, WEIGHTS_FILE, export_hf, import_hf, is_hf_folder
 from lmlab.hf import PREFIX as HF_PREFIX
-from lmlab.hf import export_hf, import_hf, is_hf_folder
 from lmlab.models import ModelConfig, build_model, config_from_dict
 from lmlab.tokenizers import Tokenizer, tokenizer_from_dict
 from lmlab.vocab import Vocabulary
 
+# CONFIG_FILE and WEIGHTS_FILE come from lmlab.hf: lmlab's own export folder keeps Hugging
+# Face's file names, so that the two export formats differ only in what those files hold.
 METADATA_KEY = "lmlab"  # checkpoint["lmlab"]: what a checkpoint says about itself
 CHECKPOINT_FORMAT = 1
 MODEL_PREFIX = "model."  # LanguageModel keeps the network as `self.model`
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"  # the model config in an exported folder
 MODEL_CONFIG_FILE = "model_config.json"  # the model config beside a run's checkpoints
 VOCAB_FILE = "vocab.json"
 EXPORT_FORMATS = ("safetensors", "hf")  # lmlab's own folder; a Hugging Face transformers folder
