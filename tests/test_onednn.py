@@ -1,7 +1,10 @@
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import lmlab.loss as loss_module
 import lmlab.onednn as onednn
 from lmlab.loss import linear_cross_entropy
 
@@ -289,3 +292,27 @@ def test_an_empty_batch_goes_through_torch_forward_and_backward():
         y.sum().backward()
     assert y.shape == (0, 4)
     assert torch.equal(weight.grad, torch.zeros(4, 8)) and torch.equal(bias.grad, torch.zeros(4))
+
+
+@needs_onednn
+def test_the_fused_loss_lets_each_chunks_logits_go_before_the_next_are_made(monkeypatch):
+    # oneDNN writes every chunk's logits into a new tensor: the last chunk's must be freed
+    # first, or two chunks (64 MiB each at a 250,000-word vocabulary) are held at once.
+    vocab, previous, alive_at_next = 97, [], []
+
+    def spy(a, b, *args, **kwargs):
+        product = onednn.mm(a, b, *args, **kwargs)
+        if b.shape[1] == vocab:  # a chunk's logits
+            alive_at_next.extend(ref() is not None for ref in previous)
+            previous[:] = [weakref.ref(product)]
+        return product
+
+    monkeypatch.setattr(loss_module, "mm", spy)
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, vocab, (40,), generator=generator)
+    with onednn.forced(True):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+    assert len(alive_at_next) == 4 and not any(alive_at_next)  # 5 chunks
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets))

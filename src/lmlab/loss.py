@@ -164,6 +164,9 @@ def _fused_loss_and_grads(
         largest_row = torch.linalg.vector_norm(weight, dim=1).max()
         largest_bias = 0.0 if bias is None else bias.abs().max()
     for start in range(0, hidden.size(0), chunk_rows):
+        # The last chunk's logits (one tensor under three names) are let go before this
+        # chunk's are made: oneDNN writes a new tensor, and two would be held at once.
+        logits = exps = grad = None
         rows, first = slice(start, start + chunk_rows), start == 0
         h, target = h_all[rows], safe_targets[rows]
         logits = mm(h, w.T, b, out=None if buffer is None else buffer[: h.size(0)])  # (rows, vocab)
