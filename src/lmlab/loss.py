@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmlab.onednn import mm, uses_onednn
+from lmlab.tied_gradient import TiedGradient
 
 # Rows per chunk: 512 x 10,000 fp32 logits is 20 MB, which stays in a server CPU's
 # last-level cache. Measured on 2 cores for the `small` model's step: 256 rows is 2%
@@ -70,6 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_rows: int,
         mean: bool,
         compute_dtype: torch.dtype,
+        tied: TiedGradient | None,
     ) -> Tensor:
         # The casts below are the whole of mixed precision here: autocast would recast
         # every mm and cannot write into the preallocated buffers.
@@ -88,6 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Kept on ctx rather than saved: backward hands them on and drops its own
         # reference, so autograd can accumulate into these buffers instead of copying.
         ctx.grads = grads
+        ctx.tied = tied
         return loss
 
     @staticmethod
@@ -108,7 +111,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for grad in (grad_hidden, grad_weight, grad_bias):
                 if grad is not None:
                     grad.mul_(grad_loss)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        if ctx.tied is not None and grad_weight is not None:
+            ctx.tied.hand_over(grad_weight)  # the lookup's backward adds its rows and returns it
+            grad_weight = None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _fused_loss_and_grads(
@@ -280,6 +286,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
     bias: Tensor | None = None,
+    tied: TiedGradient | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=...)`, without the logits.
 
@@ -289,7 +296,8 @@ def linear_cross_entropy(
     split accumulates. In bf16 (bf16 autocast, or `trainer.precision=bf16-true`'s
     bf16 weights) the matmuls run in bf16 and the rest in float32, and the loss is
     float32. float16 falls back to the plain computation with float32 logits.
-    `chunk_rows` None: `rows_per_chunk` of the vocabulary and the matmul dtype.
+    `chunk_rows` None: `rows_per_chunk` of the vocabulary and the matmul dtype. `tied`: the
+    weight's gradient goes to the input lookup's backward instead (lmlab.tied_gradient).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
@@ -308,7 +316,7 @@ def linear_cross_entropy(
         mean = reduction == "mean"
         chunk_rows = chunk_rows or rows_per_chunk(weight.size(0), compute_dtype)
         loss = _LinearCrossEntropy.apply(
-            hidden, weight, bias, targets, ignore_index, chunk_rows, mean, compute_dtype
+            hidden, weight, bias, targets, ignore_index, chunk_rows, mean, compute_dtype, tied
         )
     if reduction == "mean":
         return loss
@@ -331,11 +339,18 @@ def output_layer(
     hidden: Tensor,
     targets: Tensor | None = None,
     reduction: str = "mean",
+    tied: TiedGradient | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """A model's output layer on its final hidden states (B, T, C): the logits (B, T, vocab), or
-    with `targets` (B, T) the loss fused with it (`linear_cross_entropy`), logits never made."""
+    with `targets` (B, T) the loss fused with it (`linear_cross_entropy`), logits never made.
+    `tied`: the input lookup's carrier (lmlab.tied_gradient), where the two share the weight."""
     if targets is None:
         return head(hidden)
     return linear_cross_entropy(
-        hidden.flatten(0, 1), head.weight, targets.flatten(), reduction=reduction, bias=head.bias
+        hidden.flatten(0, 1),
+        head.weight,
+        targets.flatten(),
+        reduction=reduction,
+        bias=head.bias,
+        tied=tied,
     )

@@ -21,6 +21,7 @@ from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
 from lmlab.onednn import Linear, step_mm  # nn.Linear and a step's matmul, oneDNN where faster
+from lmlab.tied_gradient import TiedGradient, lookup, tied_gradient
 
 
 @dataclass
@@ -228,7 +229,10 @@ class GPTLM(nn.Module):
         start, offset = self._positions_of(idx, state, pad_mask)
         if state is not None and idx.size(1) == 1 and not self.training and targets is None:
             return self._decode_one(idx, state)
-        return self.output(self._hidden(idx, state, start, offset), targets, reduction)
+        weight = self.token_embedding.weight
+        tied = tied_gradient(weight, self.lm_head.weight, targets)
+        hidden = self._hidden(idx, state, start, offset, tied)
+        return output_layer(self.lm_head, hidden, targets, reduction, tied)
 
     def hidden_states(
         self, idx: Tensor, state: KVCache | None = None, pad_mask: Tensor | None = None
@@ -252,10 +256,16 @@ class GPTLM(nn.Module):
         return start, None if pad_mask is None else pad_mask.sum(1)
 
     def _hidden(
-        self, idx: Tensor, cache: KVCache | None, start: int, offset: Tensor | None
+        self,
+        idx: Tensor,
+        cache: KVCache | None,
+        start: int,
+        offset: Tensor | None,
+        tied: TiedGradient | None = None,
     ) -> Tensor:
         where = positions(start, idx.size(1), offset, idx.device)  # (T,), or (B, T) if padded
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(where))
+        tokens = lookup(idx, self.token_embedding.weight, tied)
+        x = self.dropout(tokens + self.position_embedding(where))
         for block in self.blocks:
             x = block(x, cache, offset)  # (B, T, C)
         if cache is not None:

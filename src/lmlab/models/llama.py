@@ -28,6 +28,7 @@ from lmlab.models.dropout import Dropout
 from lmlab.models.interface import check_family, check_fractions, check_positive_ints
 from lmlab.models.kv_cache import KVCache, positions, visible
 from lmlab.onednn import Linear, step_mm  # nn.Linear and a step's matmul, oneDNN where faster
+from lmlab.tied_gradient import TiedGradient, lookup, tied_gradient
 
 
 @dataclass
@@ -264,13 +265,25 @@ class LlamaLM(nn.Module):
         if state is not None and idx.size(1) == 1 and not self.training and targets is None:
             state.start_rows(pad_mask)
             return self._decode_one(idx, state)
-        return self.output(self.hidden_states(idx, state, pad_mask), targets, reduction)
+        weight = self.token_embedding.weight
+        tied = tied_gradient(weight, self.lm_head.weight, targets)
+        hidden = self._hidden(idx, state, pad_mask, tied)
+        return output_layer(self.lm_head, hidden, targets, reduction, tied)
 
     def hidden_states(
         self, idx: Tensor, state: KVCache | None = None, pad_mask: Tensor | None = None
     ) -> Tensor:
         """The final hidden states (B, T, n_embd), what the output layer reads: `forward`
         without the output layer, the same `state` (advanced the same way) and `pad_mask`."""
+        return self._hidden(idx, state, pad_mask)
+
+    def _hidden(
+        self,
+        idx: Tensor,
+        state: KVCache | None,
+        pad_mask: Tensor | None,
+        tied: TiedGradient | None = None,
+    ) -> Tensor:
         B, T = idx.shape
         start = 0 if state is None else state.length
         offset = pad_mask.sum(1) if state is None and pad_mask is not None else None
@@ -281,7 +294,7 @@ class LlamaLM(nn.Module):
         else:
             where = positions(start, T, offset, idx.device)
         cos, sin = rope_tables(self.config.head_dim, where, self.config.rope_theta)
-        x = self.dropout(self.token_embedding(idx))  # (B, T, C)
+        x = self.dropout(lookup(idx, self.token_embedding.weight, tied))  # (B, T, C)
         for block in self.blocks:
             x = block(x, cos, sin, state, offset)
         if state is not None:
