@@ -232,7 +232,7 @@ class GPTLM(nn.Module):
         weight = self.token_embedding.weight
         tied = tied_gradient(weight, self.lm_head.weight, targets)
         hidden = self._hidden(idx, state, start, offset, tied)
-        return output_layer(self.lm_head, hidden, targets, reduction, tied)
+        return self.output(hidden, targets, reduction, tied)
 
     def hidden_states(
         self, idx: Tensor, state: KVCache | None = None, pad_mask: Tensor | None = None
@@ -273,10 +273,15 @@ class GPTLM(nn.Module):
         return self.ln_final(x)
 
     def output(
-        self, hidden: Tensor, targets: Tensor | None = None, reduction: str = "mean"
+        self,
+        hidden: Tensor,
+        targets: Tensor | None = None,
+        reduction: str = "mean",
+        tied: TiedGradient | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss."""
-        return output_layer(self.lm_head, hidden, targets, reduction)
+        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss
+        (`tied`: the carrier `forward` shares with its lookup, lmlab.tied_gradient)."""
+        return output_layer(self.lm_head, hidden, targets, reduction, tied)
 
     def _decode_one(self, idx: Tensor, cache: KVCache) -> Tensor:
         """`forward` for one new position per row in eval mode, same math, same result.
@@ -285,7 +290,7 @@ class GPTLM(nn.Module):
         ~25 `nn.Module` calls of `forward` add ~0.06 ms of Python on top, so this
         path calls the functional ops on the same parameters directly (dropout is
         off in eval mode), its matrices read in the layout of `_step_weights`.
-        tests/test_gpt.py checks it equals `forward` to float32 rounding.
+        tests/test_families.py checks it equals the module path to float32 rounding.
         """
         B, C, pos = idx.size(0), self.config.n_embd, cache.length
         nh, hd = self.config.n_head, self.config.head_dim

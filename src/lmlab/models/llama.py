@@ -268,7 +268,7 @@ class LlamaLM(nn.Module):
         weight = self.token_embedding.weight
         tied = tied_gradient(weight, self.lm_head.weight, targets)
         hidden = self._hidden(idx, state, pad_mask, tied)
-        return output_layer(self.lm_head, hidden, targets, reduction, tied)
+        return self.output(hidden, targets, reduction, tied)
 
     def hidden_states(
         self, idx: Tensor, state: KVCache | None = None, pad_mask: Tensor | None = None
@@ -302,18 +302,23 @@ class LlamaLM(nn.Module):
         return self.norm_final(x)
 
     def output(
-        self, hidden: Tensor, targets: Tensor | None = None, reduction: str = "mean"
+        self,
+        hidden: Tensor,
+        targets: Tensor | None = None,
+        reduction: str = "mean",
+        tied: TiedGradient | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss."""
-        return output_layer(self.lm_head, hidden, targets, reduction)
+        """The output layer on `hidden_states`: logits (B, T, vocab), or `forward`'s loss
+        (`tied`: the carrier `forward` shares with its lookup, lmlab.tied_gradient)."""
+        return output_layer(self.lm_head, hidden, targets, reduction, tied)
 
     def _decode_one(self, idx: Tensor, cache: KVCache) -> Tensor:
         """`forward` for one new position per row in eval mode, same math, same result.
 
         As `gpt`'s: the functional ops on the step's matrices (`_step_weights`), no
         `nn.Module` calls (dropout is off in eval mode), the rotation read from a table
-        made once per cache. tests/test_llama.py checks it equals `forward` to float32
-        rounding.
+        made once per cache. tests/test_families.py checks it equals the module path to float32
+        rounding (plain, static and left-padded caches).
         """
         B, c = idx.size(0), self.config
         nh, nkv, hd, C = c.n_head, c.kv_heads, c.head_dim, c.n_embd
