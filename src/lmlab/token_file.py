@@ -14,6 +14,7 @@ the batch in hand.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ class TokenFile:
         if size < self.offset + self.nbytes:
             raise ValueError(f"{self.path} ends before its {self.length} token ids")
         self._fd = os.open(self.path, os.O_RDONLY)
+        # Closed when the object goes, or at exit before modules are torn down (a __del__
+        # run at interpreter shutdown could find `os` already gone).
+        weakref.finalize(self, os.close, self._fd)
 
     def __len__(self) -> int:
         return self.length
@@ -116,8 +120,3 @@ class TokenFile:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
