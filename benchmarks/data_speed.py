@@ -16,12 +16,16 @@ ids, read by position (`lmlab.token_file.TokenFile`, what training uses) against
 reads from a memory map of the file (the reference), with the file pages each leaves resident
 in this process; and a real training run (`python train.py model=small data=text ...`, a few
 steps from the store, default precision, sanity validation, callbacks; no logger, no test),
-each with its wall time and peak resident memory.
+each with its wall time and peak resident memory. The same training run on a corpus of N / 100
+words with the same vocabulary (each split starts with every word once, in lines of 20) shows
+what of that memory the corpus accounts for; the model's training state (float32 weights,
+their gradient and AdamW's two moments: 16 bytes a parameter) is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -66,7 +70,8 @@ CHUNK_LINES = 50_000
 
 
 def write_synthetic(folder: Path, words: int, vocab: int, seed: int = 0) -> None:
-    """Three split files of Zipf-distributed words `w0`, `w1`, ... (p ~ 1 / rank), written in chunks."""
+    """Three split files of Zipf-distributed words `w0`, `w1`, ... (p ~ 1 / rank), written in
+    chunks, the training split after every word once (so any size has the whole vocabulary)."""
     rng = np.random.default_rng(seed)
     cumulative = np.cumsum(1.0 / np.arange(1, vocab + 1))
     cumulative /= cumulative[-1]
@@ -74,6 +79,9 @@ def write_synthetic(folder: Path, words: int, vocab: int, seed: int = 0) -> None
     sizes = {"train": words, "valid": max(1_000, words // 100), "test": max(1_000, words // 100)}
     for split, size in sizes.items():
         with open(folder / SYNTHETIC[split], "w") as f:
+            if split == "train":
+                for i in range(0, vocab, LINE_WORDS):
+                    f.write(" ".join(names[i : i + LINE_WORDS]) + "\n")
             left = size
             while left > 0:
                 n = min(left, CHUNK_LINES * LINE_WORDS)
@@ -163,6 +171,13 @@ def serving(store: Path, batches: int = SERVED_BATCHES) -> dict[str, tuple[float
     return results
 
 
+def training_state_mib(vocab_size: int) -> float:
+    """The `small` model's float32 weights, gradient and two AdamW moments, in MiB."""
+    with torch.device("meta"):
+        model = GPTLM(GPTConfig(vocab_size=vocab_size, block_size=64, **PRESETS["small"]))
+    return 16 * sum(p.numel() for p in model.parameters()) / 2**20
+
+
 def synthetic(words: int, vocab: int) -> None:
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
@@ -173,6 +188,12 @@ def synthetic(words: int, vocab: int) -> None:
         (store,) = Path(cache).glob("*/train.npy")
         served = serving(store)
         train = training_run(folder, cache, str(Path(folder) / "run"))
+        (words_file,) = Path(cache).glob("*/vocab.json")
+        vocab_size = len(json.loads(words_file.read_text())["words"])
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
+        write_synthetic(Path(folder), words // 100, vocab)
+        in_fresh_process(folder, cache)  # prepared first, as for the run above
+        small_corpus = training_run(folder, cache, str(Path(folder) / "run"))
     print(machine_line())
     print(f"synthetic Zipfian corpus: {words:,} training words, vocabulary {vocab:,}")
     print(f"{'what':44} {'seconds':>10} {'peak MiB':>10}")
@@ -182,8 +203,11 @@ def synthetic(words: int, vocab: int) -> None:
         ("prepare cold (empty cache), fresh process", cold),
         ("prepare warm (from cache), fresh process", warm),
         (f"train.py model=small, {TRAIN_STEPS} steps", train),
+        (f"  the same, {words // 100:,} words", small_corpus),
     ):
         print(f"{name:44} {seconds:10.2f} {peak:10.0f}")
+    state = training_state_mib(vocab_size)
+    print(f"{'  of which the model (weights, grad, 2 moments)':44} {'':>10} {state:10.0f}")
     print(f"\nthe training split's store, {SERVED_BATCHES:,} shuffled batches of 32 x 64 ids")
     print(f"{'read from':44} {'us/batch':>10} {'file MiB':>10}")
     print("-" * 66)
