@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,18 @@ def print_lightning_lines_once() -> None:
             lightning_logger.removeHandler(handler)
 
 
+# Warnings that every run printed and that nothing in a run can change: Lightning 2.6's
+# pytree helper builds torch's `LeafSpec`, which torch 2.13 deprecates (lightning's own
+# code, lightning/pytorch/utilities/_pytree.py).
+UPSTREAM_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+def silence_upstream_noise() -> None:
+    """Hide UPSTREAM_NOISE; every other warning still prints."""
+    for message in UPSTREAM_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def entry_point(
     target: str,
     config_name: str,
@@ -80,6 +93,7 @@ def entry_point(
     def task(cfg: DictConfig) -> Any:
         function = _load(target)
         print_lightning_lines_once()
+        silence_upstream_noise()
         return function(cfg)
 
     def main() -> Any:
