@@ -208,7 +208,9 @@ def test_optuna_search_resumes_after_an_interruption(
     ]
     search = tmp_path / "logs" / "optuna" / "ptb_optuna"
     db = search / "study.db"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # As installed (pip install -e .), without PYTHONPATH=src: Hydra does not find plugins
+    # in an editable install by itself (lmlab.cli registers the search).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     # interrupted: killed as soon as the first trial is in the study
     log = tmp_path / "first.log"

@@ -77,6 +77,22 @@ def silence_upstream_noise() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def register_plugins() -> None:
+    """Register lmlab's Hydra plugins (the Optuna search) by class.
+
+    Hydra finds plugins by listing the `hydra_plugins` namespace package, and it cannot list
+    one that an editable install (`pip install -e .`, the README's) serves through an import
+    hook, as setuptools does here (conf/ maps into the package): the search failed with
+    "Unknown plugin class". Registering the class works however lmlab is installed; the
+    module imports only Hydra (Optuna when a search starts).
+    """
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.lmlab_sweepers.optuna_search import OptunaSearch
+
+    Plugins.instance().register(OptunaSearch)
+
+
 def entry_point(
     target: str,
     config_name: str,
@@ -103,6 +119,7 @@ def entry_point(
         ):
             sys.argv = report_user_errors(_load(argv_rewrite))(sys.argv)
         sys.argv = further_rank_argv(sys.argv)  # rank 0 alone writes the run folder
+        register_plugins()
         app = hydra.main(
             version_base="1.3", config_path=str(config_dir()), config_name=config_name
         )(report_user_errors(task))
