@@ -115,3 +115,18 @@ def test_the_gpu_recipe_trains_a_few_steps_on_cpu(tmp_path, corpus_dir, cache_di
     assert "current_model_state" in best  # validated and saved: the average
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_step"] in (2, 4) and summary["test_ppl"] > 0
+
+
+@pytest.mark.slow
+def test_a_run_without_checkpoint_callbacks_ends_with_its_summary(tmp_path, corpus_dir, cache_dir):
+    # callbacks.NAME=null switches a callback off; with both checkpoint callbacks off the
+    # first Checkpoint left is lmlab's stop handler, which holds no checkpoint paths
+    run = tmp_path / "run"
+    result = run_entry_point(
+        "train.py", *tiny_overrides(corpus_dir, cache_dir, run), "trainer.max_epochs=1",
+        "callbacks.model_checkpoint=null", "callbacks.periodic_checkpoint=null", "logger=none",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_checkpoint"] in ("", None) and summary["test_ppl"] > 0
+    assert not list(run.glob("checkpoints/*.ckpt"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lmlab import onednn
@@ -106,7 +107,10 @@ def main(cfg: DictConfig) -> dict:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
 
-    checkpoint = trainer.checkpoint_callback
+    # The first ModelCheckpoint, not Lightning's `trainer.checkpoint_callback`, the first
+    # Checkpoint of any kind: with callbacks.model_checkpoint and periodic_checkpoint
+    # both null, that was GracefulStop, which has no checkpoint paths.
+    checkpoint = find_callback(trainer, ModelCheckpoint)
     best_path = checkpoint.best_model_path if checkpoint else ""
     # before testing: trainer.test(ckpt_path=best) gives the callbacks best.ckpt's state
     # back, and best.ckpt was written before the last last.ckpt
@@ -137,7 +141,7 @@ def summarize(
     trainer: L.Trainer, output_dir: Path, test_ppl: float, precision: Choice, last_path: str
 ) -> RunSummary:
     """The run's summary from what its trainer, checkpoint callback and record measured."""
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = find_callback(trainer, ModelCheckpoint)
     recorder = find_callback(trainer, RunRecorder)
     sampler = find_callback(trainer, SampleText)
     figures = {}
