@@ -101,7 +101,16 @@ def train_checks(overrides: list[str], places: dict[str, str], cache: Path) -> N
     base = tiny_overrides(Path(places["<corpus>"]), cache, Path(places["<tmp>"]) / "out")
     base += [f"paths.output_dir={places['<tmp>']}/out"]
     keys = {_key(o) for o in overrides}
-    merged = [o for o in base if _key(o) not in keys and _key(o) != "hydra.run.dir"]
+    # a row that picks another scheduler (epoch_decay) drops the base's warm-up setting,
+    # which that schedule does not have
+    other_scheduler = "scheduler" in keys
+    merged = [
+        o
+        for o in base
+        if _key(o) not in keys
+        and _key(o) != "hydra.run.dir"
+        and not (other_scheduler and _key(o).startswith("scheduler."))
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*merged, *overrides])
     check_train_config(cfg)

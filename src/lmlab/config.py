@@ -6,11 +6,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmlab.checks import is_int, is_number
-from lmlab.errors import UserError
+from lmlab.errors import UserError, brief
 
 
 def _in(
@@ -121,6 +123,14 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("scheduler.warmup_steps", "a non-negative integer", _int(0)),
     ("scheduler.min_lr_ratio", NUMBER, is_number),
     ("scheduler.min_lr_ratio", "in [0, 1]", _in(0, 1)),
+    ("scheduler.decay_after", "a non-negative integer", _int(0)),
+    ("scheduler.factor", NUMBER, is_number),
+    ("scheduler.factor", "in (0, 1]", _in(0, 1, low_open=True)),
+    (
+        "scheduler.epochs",
+        f"{POSITIVE} (it follows trainer.max_epochs; with no epoch limit set scheduler.epochs=N)",
+        _int(1),
+    ),
     ("callbacks.averaging.decay", NUMBER, is_number),
     ("callbacks.averaging.decay", "in (0, 1)", _in(0, 1, low_open=True, high_open=True)),
     ("callbacks.averaging.start_fraction", NUMBER, is_number),
@@ -203,5 +213,23 @@ def instantiate_each(nodes: DictConfig | None) -> list[Any]:
     """
     if not nodes:
         return []
-    objects = (instantiate(node) for node in nodes.values() if node is not None)
+    objects = (_instantiated(name, node) for name, node in nodes.items() if node is not None)
     return [obj for obj in objects if obj is not None]
+
+
+def _instantiated(name: str, node: DictConfig) -> Any:
+    """`instantiate(node)`; a value its target refuses (ValueError, TypeError, Lightning's
+    MisconfigurationException) becomes a UserError naming the node, not a traceback."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            raise UserError(f"{_node_path(node, name)}: {brief(cause)}") from error
+        raise
+
+
+def _node_path(node: DictConfig, name: str) -> str:
+    """`callbacks.samples` for the node `samples` of `callbacks` (its full key in the config)."""
+    key = node._get_full_key(None) if hasattr(node, "_get_full_key") else ""
+    return key or name

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from lmlab.decoding import generate
+from lmlab.checks import is_int, is_number
+from lmlab.decoding import check_decoding_args, generate
 from lmlab.tokenizers import Tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,16 @@ class SampleText(Callback):
         top_p: float | None = None,
         seed: int = 0,
     ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature <= 0:
+        if not (is_int(max_new_tokens) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not (is_number(temperature) and temperature > 0):
             raise ValueError(
-                f"temperature must be > 0 for the sampled continuation, got {temperature}; "
+                f"temperature must be > 0 for the sampled continuation, got {temperature!r}; "
                 "the greedy one is always shown"
             )
+        # here, not at the first validation, where a bad value would end the run after
+        # its first epoch of training, before any checkpoint
+        check_decoding_args(temperature=temperature, top_k=top_k, top_p=top_p)
         self.dirpath = Path(dirpath)
         self.prompts = [str(p) for p in prompts]
         self.max_new_tokens = max_new_tokens
