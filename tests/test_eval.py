@@ -195,6 +195,27 @@ def test_bad_values_are_refused(overrides, message):
         check_eval_config(eval_config(*overrides))
 
 
+def test_output_names_a_json_file_and_never_replaces_anything_else(tmp_path):
+    checkpoint = tmp_path / "best.ckpt"
+    checkpoint.write_bytes(b"PK\x03\x04 weights")
+    text = tmp_path / "notes.json"
+    text.write_text("not json")
+    earlier = tmp_path / "eval_test.json"
+    earlier.write_text('{"ppl": 1.0}')
+    for output, message in (
+        (checkpoint, r"output must name a \.json file for the results, got '.*best\.ckpt'"),
+        (tmp_path, r"output must name a \.json file"),
+        (tmp_path / "folder.json", r"output=.*folder\.json is a folder"),
+        (text, r"output=.*notes\.json exists and does not hold JSON results"),
+    ):
+        (tmp_path / "folder.json").mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=message):
+            check_eval_config(eval_config(f"output={output}"))
+    assert checkpoint.read_bytes() == b"PK\x03\x04 weights"
+    check_eval_config(eval_config(f"output={earlier}"))  # earlier results: replaced
+    check_eval_config(eval_config(f"output={tmp_path / 'new' / 'eval.json'}"))
+
+
 def test_windows_must_fit_the_model():
     assert check_window(None, None, block_size=16, limit=16) == 16
     with pytest.raises(UserError, match=r"seq_len=32 exceeds the model's block_size of 16"):

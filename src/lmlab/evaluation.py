@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from lmlab.atomic import write_atomically
 from lmlab.checkpoint import load_model
 from lmlab.checks import is_int, is_number, is_positive_int
 from lmlab.download import is_url
@@ -224,6 +225,7 @@ def check_eval_config(cfg: Mapping) -> Decoding:
         raise UserError(f"batch_size must be a positive integer, got {cfg.get('batch_size')!r}")
     check_dynamic_eval(cfg.get("dynamic_eval") or {})
     check_cache(cfg.get("cache") or {})
+    check_output(cfg.get("output"))
     bleu = cfg.get("bleu") or {}
     num_sentences = bleu.get("num_sentences", 0)
     if not (is_int(num_sentences) and num_sentences >= 0):
@@ -354,6 +356,29 @@ def evaluate_dynamically(
     return {**asdict(settings), **scored}
 
 
+def check_output(output: object) -> None:
+    """`output=`: a `.json` file, new or holding earlier results, never a checkpoint or a
+    folder (an `output=` naming a checkpoint replaced it with the results)."""
+    if output is None:
+        return
+    path = Path(str(output)).expanduser()
+    if path.suffix != ".json":
+        raise UserError(
+            f"output must name a .json file for the results, got {output!r}; "
+            "e.g. output=results/eval_test.json"
+        )
+    if path.is_dir():
+        raise UserError(f"output={output} is a folder; name a .json file inside it")
+    if path.exists():
+        try:
+            json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise UserError(
+                f"output={output} exists and does not hold JSON results; "
+                "name a new file or delete that one"
+            ) from None
+
+
 def sweep_job_dir() -> Path | None:
     """This job's own folder when eval.py runs as one job of a sweep (`-m`), else None."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -453,7 +478,6 @@ def main(cfg: DictConfig) -> dict:
     output = (
         Path(cfg.output) if cfg.output else default_output(str(cfg.ckpt), name, sweep_job_dir())
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(output, json.dumps(results, indent=2) + "\n")
     print(f"{summary} | wrote {output}")
     return results
