@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from faults import fault_overrides, read_records, record_overrides
 from forkserver import ForkServer
 
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
+from lmlab.errors import UserError
 from lmlab.resume import resume_argv, rng_state, set_rng_state
 
 from conftest import evaluate_tiny, run_entry_point, tiny_overrides, train_tiny, write_stored_run
@@ -312,3 +315,24 @@ def test_with_averaging_the_test_and_eval_score_the_saved_average(
     )
     # train.py's test and eval.py score the same weights: the average saved as state_dict
     assert report["ppl"] == pytest.approx(tested, rel=1e-4)
+
+
+def test_a_resume_that_would_change_the_models_shape_is_refused_and_changes_nothing(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    stored = (run / ".hydra" / "config.yaml").read_text()
+    for override, differs in (
+        ("model.n_embd=64", "model.n_embd is 32 there, 64 here"),
+        ("data.seq_len=8", "model.block_size is 16 there, 8 here (model.block_size follows"),
+    ):
+        with pytest.raises(UserError, match=re.escape(differs)) as error:
+            resume_argv(["train.py", f"resume={run}", override])
+        assert str(error.value).endswith("a resumed run keeps its model: drop those overrides")
+        # nothing written: the stored config stays the run's, so a plain resume still works
+        assert (run / ".hydra" / "config.yaml").read_text() == stored
+        assert not list((run / ".hydra").glob("resume-*"))
+    # a value that leaves the shape alone continues the run
+    argv = resume_argv(["train.py", f"resume={run}", "model.dropout=0.3"])
+    assert "model.dropout=0.3" in argv

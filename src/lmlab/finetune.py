@@ -87,14 +87,22 @@ def _check_exists(source: str) -> None:
         )
 
 
-def check_compatible(trained: Any, config: Any, source: str) -> None:
-    """One line naming what differs, if `trained` (a config) cannot fill a model of `config`."""
+def check_compatible(
+    trained: Any,
+    config: Any,
+    source: str,
+    what: str = "init_from",
+    fix: str = "set those values to the source's",
+    free_fields: tuple[str, ...] = _FREE_FIELDS,
+) -> None:
+    """One line naming what differs, if `trained` (a config) cannot fill a model of `config`
+    (`what`: how the message names the source; `fix`: how it ends)."""
     if trained.family != config.family:
         raise UserError(
-            f"init_from {source} is a {trained.family} model but the config's model is "
+            f"{what} {source} is a {trained.family} model but the config's model is "
             f"{config.family}; pick a model= of the {trained.family} family with its shape"
         )
-    free = set(_FREE_FIELDS)
+    free = set(free_fields)
     if config.family != "gpt":  # only gpt's positional table depends on block_size
         free.add("block_size")
     differ = []
@@ -106,9 +114,9 @@ def check_compatible(trained: Any, config: Any, source: str) -> None:
     if differ:
         hint = " (model.block_size follows data.seq_len)" if "block_size" in differ[0] else ""
         raise UserError(
-            f"init_from {source} has another shape than the config's model: "
+            f"{what} {source} has another shape than the config's model: "
             + "; ".join(differ)
-            + f"{hint}; set those values to the source's"
+            + f"{hint}; {fix}"
         )
 
 

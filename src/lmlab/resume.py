@@ -20,9 +20,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.checkpoint import METADATA_KEY
 from lmlab.errors import UserError
+from lmlab.finetune import check_compatible
+from lmlab.models import config_from_dict
 from lmlab.run_folder import joins_another_process
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
@@ -75,7 +80,9 @@ def resume_argv(argv: list[str]) -> list[str]:
         if key.startswith("hydra.run.dir"):
             raise UserError(f"resume= writes into the run's own folder {run_dir}; drop {arg}")
 
-    step = _global_step(checkpoint)
+    stored = _load_stored_checkpoint(checkpoint)
+    step = int(stored.get("global_step", 0))
+    _check_same_model(hydra_dir, overrides, checkpoint, stored)
     job_name = _job_name(hydra_dir)
     if not joins_another_process():  # rank 0 keeps it; the other ranks write nothing
         _keep_previous_config(hydra_dir)
@@ -186,16 +193,44 @@ def _job_name(hydra_dir: Path) -> str | None:
     return OmegaConf.select(_read_stored(hydra_yaml), "hydra.job.name")
 
 
-def _global_step(checkpoint: Path) -> int:
+def _load_stored_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint, memory-mapped and without running code, or one line saying it cannot be."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"cannot resume from {checkpoint}: it does not load ({reason}); "
             "give another checkpoint with resume=PATH"
         ) from None
-    return int(state.get("global_step", 0))
+
+
+def _check_same_model(
+    hydra_dir: Path, overrides: list[str], checkpoint: Path, stored: dict
+) -> None:
+    """Refuse overrides that would give the model another shape than the checkpoint's, before
+    anything is written: the resumed run's config replaces the stored one, so a refused shape
+    (model.n_embd=64, data.seq_len=32) used to stay there and fail every later resume."""
+    meta = stored.get(METADATA_KEY)
+    trained_values = meta.get("model_config") if isinstance(meta, dict) else None
+    if not isinstance(trained_values, dict):
+        return  # not lmlab's metadata: loading the state reports it
+    settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    try:
+        with initialize_config_dir(config_dir=str(hydra_dir), version_base="1.3"):
+            cfg = compose("config", overrides=settings)
+        trained = config_from_dict(trained_values)
+        config = instantiate(cfg.model, vocab_size=trained.vocab_size)
+    except Exception:  # a bad override or value: Hydra and check_train_config report it
+        return
+    check_compatible(
+        trained,
+        config,
+        str(checkpoint),
+        what="the checkpoint",
+        fix="a resumed run keeps its model: drop those overrides",
+        free_fields=("vocab_size", "init_range", "lstm_init_range"),
+    )
 
 
 def _keep_previous_config(hydra_dir: Path) -> None:
