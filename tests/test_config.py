@@ -108,3 +108,9 @@ def test_model_config_files_equal_the_presets_the_benchmarks_use(name, tmp_path)
 def test_every_model_file_is_a_preset():
     names = {p.stem for p in (CONF / "model").glob("*.yaml")}
     assert names == set(PRESETS)
+
+
+def test_data_text_without_its_three_files_is_refused_with_the_keys_to_give(tmp_path):
+    cfg = compose_train(["data=text", "data.files.train=a.txt", "data.files.test=c.txt"], tmp_path)
+    with pytest.raises(UserError, match=r"^data.files.valid is not set: data=text reads three"):
+        check_train_config(cfg)

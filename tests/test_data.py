@@ -185,6 +185,27 @@ def test_missing_files_offline_name_the_folder_and_files(tmp_path):
         dm.prepare_data()
 
 
+def test_a_file_for_the_folder_a_folder_for_a_file_and_non_utf8_text_are_refused(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a b c\n")
+    with pytest.raises(UserError, match=r"data.data_dir=.*plain.txt is a file; point it at"):
+        datamodule(plain, tmp_path / "cache").prepare_data()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in FILES.values():
+        (folder / name).write_text("a b c\n")
+    (folder / "ptb.valid.txt").unlink()
+    (folder / "ptb.valid.txt").mkdir()
+    with pytest.raises(UserError, match=r"ptb.valid.txt is a folder, not the valid split's"):
+        datamodule(folder, tmp_path / "cache").prepare_data()
+    (folder / "ptb.valid.txt").rmdir()
+    (folder / "ptb.valid.txt").write_bytes("caf\u00e9 au lait\n".encode("latin1"))
+    with pytest.raises(
+        UserError, match=r"ptb.valid.txt is not UTF-8 text \(byte 0xe9 at offset 3\); convert it"
+    ):
+        datamodule(folder, tmp_path / "cache").prepare_data()
+
+
 def test_wrong_checksum_and_empty_file_are_refused_with_the_path(tmp_path, corpus_dir):
     md5 = {"train": "0" * 32}
     with pytest.raises(UserError, match=r"ptb.train.txt has md5 \w+, expected 0{32}"):

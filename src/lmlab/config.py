@@ -178,6 +178,13 @@ EVERY_N_STEPS = (
 
 def check_train_config(cfg: DictConfig) -> None:
     """Stop with one line on the first value of the wrong type or out of range, before any work."""
+    files = OmegaConf.select(cfg, "data.files")
+    for split in ("train", "valid", "test"):
+        if isinstance(files, DictConfig) and OmegaConf.is_missing(files, split):
+            raise UserError(
+                f"data.files.{split} is not set: data=text reads three files of data.data_dir, "
+                "give them as data.files.train=NAME data.files.valid=NAME data.files.test=NAME"
+            )
     rules = list(RULES)
     for name, node in (cfg.get("callbacks") or {}).items():
         if isinstance(node, DictConfig) and EVERY_N_STEPS[0] in node:

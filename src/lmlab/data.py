@@ -10,6 +10,7 @@ never tensor-per-sample.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -209,6 +210,29 @@ class BatchLoader(DataLoader):
         self.served = served
 
 
+def check_utf8(path: Path, block: int = 1 << 20) -> None:
+    """One line if `path` is not UTF-8 text, naming the first byte that is not."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                # error.object: the bytes decoded, with any a previous block left unfinished
+                at = offset - (len(error.object) - len(chunk)) + error.start
+                raise UserError(
+                    f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                    f"{at}); "
+                    f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt"
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text (it ends inside a character)") from None
+
+
 class LMDataModule(L.LightningDataModule):
     """A word-level corpus of three splits, each a text file with one sentence per line.
 
@@ -290,10 +314,20 @@ class LMDataModule(L.LightningDataModule):
     # -- preparing: find or download, verify, encode once ------------------
 
     def _fetch_missing(self) -> None:
+        names = ", ".join(self.paths[s].name for s in SPLITS)
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise UserError(
+                f"data.data_dir={self.data_dir} is a file; point it at the folder that holds {names}"
+            )
+        for split in SPLITS:
+            if self.paths[split].is_dir():
+                raise UserError(
+                    f"{self.paths[split]} is a folder, not the {split} split's text file; "
+                    f"point data.files.{split} at the file"
+                )
         missing = [s for s in SPLITS if not self.paths[s].is_file()]
         if not missing:
             return
-        names = ", ".join(self.paths[s].name for s in SPLITS)
         raw = [self.paths[s].with_suffix(".raw") for s in missing if self._raw_instead(s)]
         if raw:
             raise UserError(
@@ -367,11 +401,16 @@ class LMDataModule(L.LightningDataModule):
         import datasets
 
         datasets.disable_progress_bars()
-        corpus = datasets.load_dataset(
-            "text",
-            data_files={s: str(self.paths[s]) for s in splits},
-            cache_dir=str(self.cache_root / "hf"),
-        )
+        try:
+            corpus = datasets.load_dataset(
+                "text",
+                data_files={s: str(self.paths[s]) for s in splits},
+                cache_dir=str(self.cache_root / "hf"),
+            )
+        except Exception:
+            for split in splits:  # the usual cause: a file that is not UTF-8 text
+                check_utf8(self.paths[split])
+            raise
         # Straight from the Arrow table: `corpus[s]["text"]` is a lazy column in datasets 4+,
         # whose row-by-row iteration made preparing PTB cold 2 s slower (measured on 2 cores).
         return {s: corpus[s].data.column("text").to_pylist() for s in splits}
