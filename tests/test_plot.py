@@ -103,6 +103,23 @@ def test_command_line_refuses_a_folder_without_records(tmp_path, capsys):
     )
 
 
+def test_command_line_output_is_a_png_and_a_folder_gets_curves_png(tmp_path, capsys):
+    run = write_record(tmp_path / "run", [train(1, 2.0), val(1, 9.0)])
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "-o", str(checkpoint)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: -o must name a .png file, got {checkpoint}; e.g. -o plots/curves.png"
+    )
+    assert checkpoint.read_bytes() == b"weights"
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    main([str(run), "-o", str(folder)])
+    assert (folder / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 @pytest.mark.slow
 def test_module_plots_a_real_run(console_run, tmp_path):
     run_dir, _ = console_run

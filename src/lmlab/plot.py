@@ -133,12 +133,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run folders, or sweep folders holding them")
     parser.add_argument("-o", "--output", default="curves.png", help="PNG to write (curves.png)")
     args = parser.parse_args(argv)
+    output = Path(args.output).expanduser()
+    if output.is_dir():  # a folder: the usual name inside it
+        output = output / "curves.png"
+    if output.suffix.lower() != ".png":
+        raise UserError(f"-o must name a .png file, got {args.output}; e.g. -o plots/curves.png")
     curves = [
         load_curves(run, label=run_label(run, root))
         for root in map(Path, args.runs)
         for run in find_runs([root])
     ]
-    out = plot_curves(curves, args.output)
+    out = plot_curves(curves, output)
     print(f"wrote {out} ({len(curves)} run{'s' if len(curves) != 1 else ''})")
 
 
