@@ -248,6 +248,22 @@ def test_export_round_trip(tmp_path, capsys):
         torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
 
 
+def test_an_export_goes_only_into_a_new_empty_or_exported_folder(tmp_path):
+    model, vocab = tiny_model(), Tokenizer(Vocabulary(VOCAB))
+    folder = export(model, vocab, tmp_path / "out")
+    export(model, vocab, folder)  # over an earlier export
+    export(model, vocab, folder, "hf")  # and the other format over it
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (run / "train.log").write_text("")
+    for target, others in ((run, "checkpoints, train.log"), (run / "checkpoints", "last.ckpt")):
+        with pytest.raises(UserError, match=rf"holds other files \({others}\); pass a new"):
+            export(model, vocab, target)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "train.log"]
+
+
 def test_broken_export_is_refused(tmp_path):
     model = tiny_model()
     folder = export(model, Tokenizer(Vocabulary(VOCAB)), tmp_path / "out")

@@ -289,11 +289,10 @@ def export(
     `source`, the checkpoint, goes into its model card).
     """
     check_export_format(export_format)
+    check_export_folder(folder)
     if export_format == "hf":
         return export_hf(model, vocab, folder, source)
     out = Path(folder).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"export folder {folder} is a file; pass a folder path")
     weights = safetensors.torch.save(
         _unique_tensors(model.state_dict()), metadata={"lmlab_format": str(CHECKPOINT_FORMAT)}
     )
@@ -301,6 +300,41 @@ def export(
     metadata = checkpoint_metadata(model.config, vocab.words, vocab.to_dict())
     write_model_files(out, metadata, config_file=CONFIG_FILE)
     return out
+
+
+# What an export writes, in either format (a safetensors folder, a transformers one, sharded
+# or with a BPE/char tokenizer): a folder holding only these may be exported into again.
+EXPORT_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        "model.safetensors.index.json",
+        VOCAB_FILE,
+        TOKENIZER_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "README.md",
+    }
+)
+
+
+def check_export_folder(folder: str | Path) -> None:
+    """An export goes into a new or empty folder, or over an earlier export; never among other
+    files (a run's folder, its checkpoints, a folder of one's own): one line, nothing written."""
+    out = Path(folder).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export folder {folder} is a file; pass a folder path")
+    others = (
+        sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES) if out.is_dir() else []
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(
+            f"export folder {folder} holds other files ({shown}); pass a new or empty folder "
+            "(an earlier export there may be replaced)"
+        )
 
 
 def check_export_format(export_format: str) -> None:

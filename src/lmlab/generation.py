@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import check_export_format, export, load_model
+from lmlab.checkpoint import check_export_folder, check_export_format, export, load_model
 from lmlab.checks import is_int
 from lmlab.decoding import Controls, beam_search, check_beam_args, check_decoding_args, generate
 from lmlab.errors import UserError
@@ -447,6 +447,8 @@ def check_generate_config(cfg: Mapping) -> Decoding:
     if export is not None and not str(export).strip():
         raise UserError("export= needs a folder path, e.g. export=exported/ptb_small")
     check_export_format(cfg.get("export_format", "safetensors"))
+    if export is not None:
+        check_export_folder(str(export))
     return decoding
 
 
