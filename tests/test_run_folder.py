@@ -121,6 +121,26 @@ def test_a_new_run_into_a_used_folder_is_refused_and_touches_nothing(
     assert after == before  # best.ckpt, last.ckpt and every record byte for byte
 
 
+def test_a_folder_left_by_a_run_refused_for_bad_input_takes_the_next_run(
+    corpus_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"  # a fixed folder, as under SLURM
+    refused = run_entry_point(
+        "train.py", *tiny_overrides(corpus_dir, cache_dir, run), "data.batch_size=-1"
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: data.batch_size must be a positive integer, got -1"
+    )
+    assert (run / ".hydra").is_dir() and (run / "result.json").is_file()
+    fixed = run_entry_point(
+        "train.py", *tiny_overrides(corpus_dir, cache_dir, run), "trainer.max_steps=2"
+    )
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "holds only a run refused before training" in fixed.stderr
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_a_run_folder_that_cannot_be_created_gives_one_line(
     corpus_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:

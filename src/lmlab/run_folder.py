@@ -103,6 +103,19 @@ def further_rank_argv(argv: list[str]) -> list[str]:
     return [argv[0], *kept, *FURTHER_RANK_OVERRIDES]
 
 
+def refused_before_training(folder: Path, holds: list[str]) -> bool:
+    """Whether `folder` holds only what a run stopped by bad input leaves (`.hydra` and a failed
+    `result.json`; no checkpoint, record or summary): a new run may take the folder, where
+    otherwise neither a new run nor `resume=` (nothing to resume) could use it."""
+    if not holds or not set(holds) <= {".hydra", "result.json"} or "result.json" not in holds:
+        return False
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and result.get("status") == "failed"
+
+
 class RunFolderGuard(Callback):
     """Hydra callback: claim and lock the run (or sweep) folder before anything is written."""
 
@@ -117,7 +130,14 @@ class RunFolderGuard(Callback):
         folder = self._claim(config, "hydra.run.dir", resuming=resuming)
         if not resuming:
             holds = [name for name in RUN_MARKERS if (folder / name).exists()]
-            if holds and not requeued_slurm_job(folder):
+            if refused_before_training(folder, holds):
+                print(
+                    f"run folder {folder} holds only a run refused before training "
+                    "(result.json: failed); this run takes its place",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif holds and not requeued_slurm_job(folder):
                 raise UserError(
                     f"run folder {folder} already holds a run ({', '.join(holds)}); continue "
                     f"it with resume={folder}, or give the new run another hydra.run.dir"
