@@ -169,6 +169,8 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ),
 ]
 _ABSENT = object()
+# What LanguageModel logs at every validation: what a checkpoint callback can monitor.
+MONITORED = ("val/ppl", "val/loss", "val/word_ppl", "val/bpc")
 EVERY_N_STEPS = (
     "every_n_train_steps",
     "a non-negative integer (0: never) or null",
@@ -187,6 +189,12 @@ def check_train_config(cfg: DictConfig) -> None:
             )
     rules = list(RULES)
     for name, node in (cfg.get("callbacks") or {}).items():
+        monitor = node.get("monitor") if isinstance(node, DictConfig) else None
+        if monitor is not None and monitor not in MONITORED:
+            raise UserError(
+                f"callbacks.{name}.monitor must be one of {', '.join(MONITORED)} (what each "
+                f"validation logs), got {monitor!r}"
+            )
         if isinstance(node, DictConfig) and EVERY_N_STEPS[0] in node:
             rules.append((f"callbacks.{name}.{EVERY_N_STEPS[0]}", *EVERY_N_STEPS[1:]))
     for key, expected, check in rules:
