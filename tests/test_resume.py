@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from forkserver import ForkServer
 
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
 from lmlab.errors import UserError
-from lmlab.resume import resume_argv, rng_state, set_rng_state
+from lmlab.resume import ResumeState, resume_argv, rng_state, set_rng_state
 
 from conftest import evaluate_tiny, run_entry_point, tiny_overrides, train_tiny, write_stored_run
 
@@ -336,3 +337,17 @@ def test_a_resume_that_would_change_the_models_shape_is_refused_and_changes_noth
     # a value that leaves the shape alone continues the run
     argv = resume_argv(["train.py", f"resume={run}", "model.dropout=0.3"])
     assert "model.dropout=0.3" in argv
+
+
+def test_a_checkpoint_without_lmlabs_resume_state_is_continued_with_a_warning(caplog) -> None:
+    callback = ResumeState()
+    with caplog.at_level("WARNING", logger="lmlab.resume"):
+        callback.on_load_checkpoint(SimpleNamespace(is_global_zero=True), None, {"state_dict": {}})
+    assert len(caplog.records) == 1
+    assert "has no lmlab_resume entry" in caplog.text and "not an exact continuation" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmlab.resume"):
+        callback.on_load_checkpoint(
+            SimpleNamespace(is_global_zero=True), None, {"lmlab_resume": {}}
+        )
+    assert not caplog.records

@@ -11,6 +11,7 @@ as if the run had never stopped.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import sys
@@ -29,6 +30,8 @@ from lmlab.errors import UserError
 from lmlab.finetune import check_compatible
 from lmlab.models import config_from_dict
 from lmlab.run_folder import joins_another_process
+
+log = logging.getLogger(__name__)
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
 INIT_FROM_KEY = "init_from"  # a new run from trained weights (lmlab.finetune): not with resume
@@ -273,6 +276,14 @@ class ResumeState(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
         self._to_restore = checkpoint.get(RESUME_STATE_KEY)
+        if self._to_restore is None and trainer.is_global_zero:
+            log.warning(
+                "the checkpoint has no %s entry (not written by lmlab's train.py, or an older "
+                "lmlab): weights, optimizer and counters continue, but the random number "
+                "generators and the data order start afresh, so this is not an exact "
+                "continuation of the run",
+                RESUME_STATE_KEY,
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state, self._to_restore = self._to_restore, None
