@@ -79,8 +79,13 @@ def test_samples_repeat_with_the_seed_and_leave_the_global_rng_alone(tmp_path):
 def test_sample_settings_are_checked():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SampleText("out", temperature=0)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
         SampleText("out", max_new_tokens=0)
+    # when the callback is made, not at the first validation an epoch later
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 2"):
+        SampleText("out", top_p=2)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1, got 0"):
+        SampleText("out", top_k=0)
 
 
 # -- configuration ----------------------------------------------------------------
