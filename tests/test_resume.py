@@ -351,3 +351,18 @@ def test_a_checkpoint_without_lmlabs_resume_state_is_continued_with_a_warning(ca
             SimpleNamespace(is_global_zero=True), None, {"lmlab_resume": {}}
         )
     assert not caplog.records
+
+
+def test_a_resume_refused_for_a_bad_override_leaves_the_run_as_it_was(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    result = run_entry_point("train.py", f"resume={run}", "optimizer.lr=abc")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error: optimizer.lr must be a number, got 'abc'"
+    )
+    # Hydra had written the refused config over the run's; it is put back, resume-N removed
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before

@@ -11,12 +11,15 @@ as if the run had never stopped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -26,12 +29,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import METADATA_KEY
-from lmlab.errors import UserError
+from lmlab.errors import UserError, find_user_error
 from lmlab.finetune import check_compatible
 from lmlab.models import config_from_dict
 from lmlab.run_folder import joins_another_process
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESUME_KEY = "resume"  # the config key that holds the checkpoint to resume from
 INIT_FROM_KEY = "init_from"  # a new run from trained weights (lmlab.finetune): not with resume
@@ -208,6 +212,19 @@ def _load_stored_checkpoint(checkpoint: Path) -> dict:
         ) from None
 
 
+def check_same_vocabulary(checkpoint: str | Path, words: list[str]) -> None:
+    """One line if this run's data gives another vocabulary than the resumed checkpoint's
+    (a data override changed the corpus): its embedding could not be loaded."""
+    meta = _load_stored_checkpoint(Path(checkpoint)).get(METADATA_KEY)
+    trained = meta.get("vocab") if isinstance(meta, dict) else None
+    if isinstance(trained, list) and list(trained) != list(words):
+        raise UserError(
+            f"the checkpoint {checkpoint} was trained with a vocabulary of {len(trained)} "
+            f"tokens, this run's data gives {len(words)} (another corpus or tokenizer); a "
+            "resumed run keeps its data: drop the data and tokenizer overrides"
+        )
+
+
 def _check_same_model(
     hydra_dir: Path, overrides: list[str], checkpoint: Path, stored: dict
 ) -> None:
@@ -234,6 +251,41 @@ def _check_same_model(
         fix="a resumed run keeps its model: drop those overrides",
         free_fields=("vocab_size", "init_range", "lstm_init_range"),
     )
+
+
+def restores_stored_config_if_refused(main: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """Wrap train.py's steps: a resumed run refused by a check (bad input, UserError) before
+    it saved a checkpoint puts back the stored config its start replaced (`.hydra/resume-N/`).
+
+    Hydra writes the resumed run's config, overrides included, over the run's own before
+    any check runs; a refused override (optimizer.lr=abc, another corpus) stayed there and
+    refused every later `resume=` of the run too.
+    """
+
+    @functools.wraps(main)
+    def wrapper(cfg: DictConfig) -> T:
+        started = time.time()
+        try:
+            return main(cfg)
+        except Exception as error:
+            run_dir = Path(cfg.paths.output_dir)
+            refused = find_user_error(error) is not None
+            saved = refused and any(p.stat().st_mtime > started for p in run_dir.rglob("*.ckpt"))
+            if cfg.get(RESUME_KEY) and refused and not saved and not joins_another_process():
+                _restore_previous_config(run_dir / ".hydra")
+            raise
+
+    return wrapper
+
+
+def _restore_previous_config(hydra_dir: Path) -> None:
+    """Move the newest `.hydra/resume-N/` back over `.hydra/`."""
+    kept = sorted(hydra_dir.glob("resume-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not kept:
+        return
+    for path in kept[-1].iterdir():
+        shutil.copy2(path, hydra_dir / path.name)
+    shutil.rmtree(kept[-1])
 
 
 def _keep_previous_config(hydra_dir: Path) -> None:

@@ -38,6 +38,7 @@ from lmlab.loggers import log_config
 from lmlab.precision import Choice, choose_precision
 from lmlab.recorder import RunRecorder
 from lmlab.result import record_result
+from lmlab.resume import check_same_vocabulary, restores_stored_config_if_refused
 from lmlab.samples import SampleText
 from lmlab.summary import SUMMARY_FILE, RunSummary
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 @record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
 @report_lost_processes  # another process of the run is gone: one line, not a traceback
 @stop_on_signals
+@restores_stored_config_if_refused  # resume= with a refused override keeps the run resumable
 def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
     check_launched_world_size(cfg.trainer)
@@ -57,6 +59,8 @@ def main(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
 
+    if cfg.get("resume"):
+        check_same_vocabulary(cfg.resume, tokenizer.words)
     model_config = instantiate(cfg.model, vocab_size=len(tokenizer))
     module = LanguageModel(
         model_config,
