@@ -18,7 +18,13 @@ from forkserver import ForkServer
 
 from lmlab.data import BatchLoader, BlockBatches, LMDataModule, TokenBlocks, keep_batch
 from lmlab.errors import UserError
-from lmlab.resume import ResumeState, resume_argv, rng_state, set_rng_state
+from lmlab.resume import (
+    ResumeState,
+    check_same_vocabulary,
+    resume_argv,
+    rng_state,
+    set_rng_state,
+)
 
 from conftest import evaluate_tiny, run_entry_point, tiny_overrides, train_tiny, write_stored_run
 
@@ -366,3 +372,13 @@ def test_a_resume_refused_for_a_bad_override_leaves_the_run_as_it_was(
     )
     # Hydra had written the refused config over the run's; it is put back, resume-N removed
     assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == before
+
+
+def test_data_with_another_vocabulary_than_the_checkpoints_is_refused(trained_run: Path) -> None:
+    last = trained_run / "checkpoints" / "last.ckpt"
+    words = torch.load(last, weights_only=True, mmap=True)["lmlab"]["vocab"]
+    check_same_vocabulary(last, words)  # the run's own data
+    with pytest.raises(
+        UserError, match=rf"vocabulary of {len(words)} tokens, this run's data gives 3"
+    ):
+        check_same_vocabulary(last, ["<eos>", "<unk>", "w"])
