@@ -93,7 +93,6 @@ def check_compatible(
     source: str,
     what: str = "init_from",
     fix: str = "set those values to the source's",
-    free_fields: tuple[str, ...] = _FREE_FIELDS,
 ) -> None:
     """One line naming what differs, if `trained` (a config) cannot fill a model of `config`
     (`what`: how the message names the source; `fix`: how it ends)."""
@@ -102,7 +101,7 @@ def check_compatible(
             f"{what} {source} is a {trained.family} model but the config's model is "
             f"{config.family}; pick a model= of the {trained.family} family with its shape"
         )
-    free = set(free_fields)
+    free = set(_FREE_FIELDS)
     if config.family != "gpt":  # only gpt's positional table depends on block_size
         free.add("block_size")
     differ = []

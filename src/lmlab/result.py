@@ -27,11 +27,11 @@ from omegaconf import DictConfig
 from lmlab.atomic import write_atomically
 from lmlab.checks import is_number
 from lmlab.errors import UserError, find_user_error
+from lmlab.run_folder import FAILED, RESULT_FILE
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-COMPLETED, FAILED, MISSING = "completed", "failed", "missing"
+COMPLETED, MISSING = "completed", "missing"
 
 
 def in_sweep() -> bool:

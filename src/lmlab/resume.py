@@ -24,15 +24,13 @@ from typing import Any, TypeVar
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import METADATA_KEY
 from lmlab.errors import UserError, find_user_error
 from lmlab.finetune import check_compatible
 from lmlab.models import config_from_dict
-from lmlab.run_folder import joins_another_process
+from lmlab.run_folder import RESULT_FILE, joins_another_process
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,9 +85,7 @@ def resume_argv(argv: list[str]) -> list[str]:
         if key.startswith("hydra.run.dir"):
             raise UserError(f"resume= writes into the run's own folder {run_dir}; drop {arg}")
 
-    stored = _load_stored_checkpoint(checkpoint)
-    step = int(stored.get("global_step", 0))
-    _check_same_model(hydra_dir, overrides, checkpoint, stored)
+    step = int(_load_stored_checkpoint(checkpoint).get("global_step", 0))
     job_name = _job_name(hydra_dir)
     if not joins_another_process():  # rank 0 keeps it; the other ranks write nothing
         _keep_previous_config(hydra_dir)
@@ -212,54 +208,41 @@ def _load_stored_checkpoint(checkpoint: Path) -> dict:
         ) from None
 
 
-def check_same_vocabulary(checkpoint: str | Path, words: list[str]) -> None:
-    """One line if this run's data gives another vocabulary than the resumed checkpoint's
-    (a data override changed the corpus): its embedding could not be loaded."""
+def check_resumable(checkpoint: str | Path, config: Any, words: list[str]) -> None:
+    """One line where the resumed run's data or model (the stored config with this command's
+    overrides) is not the checkpoint's: another vocabulary (a data or tokenizer override),
+    another shape (model.n_embd=64, data.seq_len=32). Lightning's loading of the state would
+    stop with a size-mismatch traceback. The stored config is put back by
+    `restores_stored_config_if_refused`."""
     meta = _load_stored_checkpoint(Path(checkpoint)).get(METADATA_KEY)
-    trained = meta.get("vocab") if isinstance(meta, dict) else None
-    if isinstance(trained, list) and list(trained) != list(words):
+    if not isinstance(meta, dict):
+        return  # not lmlab's metadata: loading the state reports it
+    trained_words = meta.get("vocab")
+    if isinstance(trained_words, list) and list(trained_words) != list(words):
         raise UserError(
-            f"the checkpoint {checkpoint} was trained with a vocabulary of {len(trained)} "
+            f"the checkpoint {checkpoint} was trained with a vocabulary of {len(trained_words)} "
             f"tokens, this run's data gives {len(words)} (another corpus or tokenizer); a "
             "resumed run keeps its data: drop the data and tokenizer overrides"
         )
-
-
-def _check_same_model(
-    hydra_dir: Path, overrides: list[str], checkpoint: Path, stored: dict
-) -> None:
-    """Refuse overrides that would give the model another shape than the checkpoint's, before
-    anything is written: the resumed run's config replaces the stored one, so a refused shape
-    (model.n_embd=64, data.seq_len=32) used to stay there and fail every later resume."""
-    meta = stored.get(METADATA_KEY)
-    trained_values = meta.get("model_config") if isinstance(meta, dict) else None
-    if not isinstance(trained_values, dict):
-        return  # not lmlab's metadata: loading the state reports it
-    settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
-    try:
-        with initialize_config_dir(config_dir=str(hydra_dir), version_base="1.3"):
-            cfg = compose("config", overrides=settings)
-        trained = config_from_dict(trained_values)
-        config = instantiate(cfg.model, vocab_size=trained.vocab_size)
-    except Exception:  # a bad override or value: Hydra and check_train_config report it
-        return
-    check_compatible(
-        trained,
-        config,
-        str(checkpoint),
-        what="the checkpoint",
-        fix="a resumed run keeps its model: drop those overrides",
-        free_fields=("vocab_size", "init_range", "lstm_init_range"),
-    )
+    if isinstance(meta.get("model_config"), dict):
+        check_compatible(
+            config_from_dict(meta["model_config"]),
+            config,
+            str(checkpoint),
+            what="the checkpoint",
+            fix="a resumed run keeps its model: drop those overrides",
+        )
 
 
 def restores_stored_config_if_refused(main: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
-    """Wrap train.py's steps: a resumed run refused by a check (bad input, UserError) before
-    it saved a checkpoint puts back the stored config its start replaced (`.hydra/resume-N/`).
+    """Wrap train.py's steps (outermost): a resumed run refused by a check (bad input,
+    UserError) before it saved a checkpoint puts back what its start replaced, the stored
+    config and `result.json` (kept in `.hydra/resume-N/`).
 
     Hydra writes the resumed run's config, overrides included, over the run's own before
-    any check runs; a refused override (optimizer.lr=abc, another corpus) stayed there and
-    refused every later `resume=` of the run too.
+    any check runs, and `record_result` writes a failed result; a refused override
+    (optimizer.lr=abc, model.n_embd=64, another corpus) stayed in the config and refused
+    every later `resume=` of the run too.
     """
 
     @functools.wraps(main)
@@ -278,24 +261,35 @@ def restores_stored_config_if_refused(main: Callable[[DictConfig], T]) -> Callab
     return wrapper
 
 
+_KEPT_CONFIG = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
 def _restore_previous_config(hydra_dir: Path) -> None:
-    """Move the newest `.hydra/resume-N/` back over `.hydra/`."""
+    """Move the newest `.hydra/resume-N/` back: its config files over `.hydra/`, its
+    `result.json` (or none, if the run had none) over the run folder's."""
     kept = sorted(hydra_dir.glob("resume-*"), key=lambda p: int(p.name.split("-")[1]))
     if not kept:
         return
-    for path in kept[-1].iterdir():
-        shutil.copy2(path, hydra_dir / path.name)
+    for name in _KEPT_CONFIG:
+        if (kept[-1] / name).is_file():
+            shutil.copy2(kept[-1] / name, hydra_dir / name)
+    result = hydra_dir.parent / RESULT_FILE
+    if (kept[-1] / RESULT_FILE).is_file():
+        shutil.copy2(kept[-1] / RESULT_FILE, result)
+    else:
+        result.unlink(missing_ok=True)
     shutil.rmtree(kept[-1])
 
 
 def _keep_previous_config(hydra_dir: Path) -> None:
-    """Hydra rewrites .hydra/ for the resumed run; keep what was there as .hydra/resume-N/."""
+    """Hydra rewrites .hydra/ for the resumed run (and the run rewrites result.json); keep
+    what was there as .hydra/resume-N/."""
     number = 1 + sum(1 for _ in hydra_dir.glob("resume-*"))
     keep = hydra_dir / f"resume-{number}"
     keep.mkdir()
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        if (hydra_dir / name).is_file():
-            shutil.copy2(hydra_dir / name, keep / name)
+    for path in (*(hydra_dir / name for name in _KEPT_CONFIG), hydra_dir.parent / RESULT_FILE):
+        if path.is_file():
+            shutil.copy2(path, keep / path.name)
 
 
 def _quote(value: str) -> str:

@@ -49,8 +49,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from lmlab.errors import UserError, report_user_errors
 
 LOCK_FILE = "lmlab.lock"
+# How the run ended (lmlab.result writes it); its status of a run that did not complete.
+RESULT_FILE, FAILED = "result.json", "failed"
 # What a folder that holds a run has (Hydra's record, checkpoints, lmlab's record).
-RUN_MARKERS = (".hydra", "checkpoints", "metrics.jsonl", "result.json", "summary.json")
+RUN_MARKERS = (".hydra", "checkpoints", "metrics.jsonl", RESULT_FILE, "summary.json")
 # Set for every process of a run but its first: they use the folder rank 0 holds.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 # Set by launchers that start every process themselves (torchrun, srun), not by Lightning.
@@ -107,13 +109,13 @@ def refused_before_training(folder: Path, holds: list[str]) -> bool:
     """Whether `folder` holds only what a run stopped by bad input leaves (`.hydra` and a failed
     `result.json`; no checkpoint, record or summary): a new run may take the folder, where
     otherwise neither a new run nor `resume=` (nothing to resume) could use it."""
-    if not holds or not set(holds) <= {".hydra", "result.json"} or "result.json" not in holds:
+    if RESULT_FILE not in holds or not set(holds) <= {".hydra", RESULT_FILE}:
         return False
     try:
-        result = json.loads((folder / "result.json").read_text())
+        result = json.loads((folder / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(result, dict) and result.get("status") == "failed"
+    return isinstance(result, dict) and result.get("status") == FAILED
 
 
 class RunFolderGuard(Callback):

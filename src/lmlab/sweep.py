@@ -22,7 +22,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checks import is_number
-from lmlab.result import COMPLETED, MISSING, RESULT_FILE, read_result
+from lmlab.result import COMPLETED, MISSING, read_result
+from lmlab.run_folder import RESULT_FILE
 
 SUMMARY_COLUMNS = ["best_val_ppl", "test_ppl", "steps", "wall_time_s", "status"]
 

@@ -38,17 +38,17 @@ from lmlab.loggers import log_config
 from lmlab.precision import Choice, choose_precision
 from lmlab.recorder import RunRecorder
 from lmlab.result import record_result
-from lmlab.resume import check_same_vocabulary, restores_stored_config_if_refused
+from lmlab.resume import check_resumable, restores_stored_config_if_refused
 from lmlab.samples import SampleText
 from lmlab.summary import SUMMARY_FILE, RunSummary
 
 log = logging.getLogger(__name__)
 
 
+@restores_stored_config_if_refused  # resume= with a refused override keeps the run resumable
 @record_result  # result.json; in a sweep, a failed job is recorded and the sweep goes on
 @report_lost_processes  # another process of the run is gone: one line, not a traceback
 @stop_on_signals
-@restores_stored_config_if_refused  # resume= with a refused override keeps the run resumable
 def main(cfg: DictConfig) -> dict:
     check_train_config(cfg)
     check_launched_world_size(cfg.trainer)
@@ -59,9 +59,9 @@ def main(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
 
-    if cfg.get("resume"):
-        check_same_vocabulary(cfg.resume, tokenizer.words)
     model_config = instantiate(cfg.model, vocab_size=len(tokenizer))
+    if cfg.get("resume"):
+        check_resumable(cfg.resume, model_config, tokenizer.words)
     module = LanguageModel(
         model_config,
         tokenizer.words,
