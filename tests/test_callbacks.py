@@ -94,7 +94,7 @@ def test_sample_settings_are_checked():
 def compose_callbacks(overrides: list[str], tmp_path: Path) -> list:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
-    return instantiate_each(cfg.callbacks)
+    return instantiate_each(cfg, "callbacks")
 
 
 def test_progress_bar_and_parameter_table_follow_the_trainer_flags(tmp_path):

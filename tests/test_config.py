@@ -39,8 +39,8 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, corpus_dir):
     trainer = instantiate(
         cfg.trainer,
         precision=precision.precision,
-        callbacks=instantiate_each(cfg.callbacks),
-        logger=instantiate_each(cfg.logger),
+        callbacks=instantiate_each(cfg, "callbacks"),
+        logger=instantiate_each(cfg, "logger"),
     )
     assert trainer.max_epochs == cfg.trainer.max_epochs
     assert Path(trainer.checkpoint_callback.dirpath) == tmp_path / "checkpoints"
@@ -67,7 +67,7 @@ def test_every_group_option_composes(group, options, tmp_path):
 
 
 def test_logger_none_gives_no_logger(tmp_path):
-    assert instantiate_each(compose_train(["logger=none"], tmp_path).logger) == []
+    assert instantiate_each(compose_train(["logger=none"], tmp_path), "logger") == []
 
 
 @pytest.mark.parametrize(

@@ -122,7 +122,7 @@ def train_checks(overrides: list[str], places: dict[str, str], cache: Path) -> N
     if cfg.init_from:
         initialise_from(model, datamodule.tokenizer, cfg.init_from)
     freeze(model, list(cfg.finetune.freeze))
-    prepare_checkpoint_dirs(instantiate_each(cfg.callbacks))
+    prepare_checkpoint_dirs(instantiate_each(cfg, "callbacks"))
 
 
 @pytest.mark.parametrize("row", _table(), ids=lambda row: row[0])

@@ -220,31 +220,29 @@ def check_train_config(cfg: DictConfig) -> None:
         raise UserError(str(error)) from None
 
 
-def instantiate_each(nodes: DictConfig | None) -> list[Any]:
-    """One object per named node (`callbacks.*`, `logger.*`); empty or null gives [].
+def instantiate_each(cfg: DictConfig, group: str) -> list[Any]:
+    """One object per named node of `cfg.<group>` (`callbacks`, `logger`); an empty or null
+    group gives [].
 
-    A null node, or one whose target returns None (a callback switched off by
-    a trainer flag, such as the progress bar), gives nothing.
+    A null node, or one whose target returns None (a callback switched off by a trainer
+    flag, such as the progress bar), gives nothing. A value a target refuses (ValueError,
+    TypeError, Lightning's MisconfigurationException) is one line naming the node
+    (`callbacks.samples: top_p must be ...`), not a traceback.
     """
+    nodes = cfg.get(group)
     if not nodes:
         return []
-    objects = (_instantiated(name, node) for name, node in nodes.items() if node is not None)
+    objects = (
+        _instantiated(f"{group}.{name}", node) for name, node in nodes.items() if node is not None
+    )
     return [obj for obj in objects if obj is not None]
 
 
-def _instantiated(name: str, node: DictConfig) -> Any:
-    """`instantiate(node)`; a value its target refuses (ValueError, TypeError, Lightning's
-    MisconfigurationException) becomes a UserError naming the node, not a traceback."""
+def _instantiated(where: str, node: DictConfig) -> Any:
     try:
         return instantiate(node)
     except InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
-            raise UserError(f"{_node_path(node, name)}: {brief(cause)}") from error
+            raise UserError(f"{where}: {brief(cause)}") from error
         raise
-
-
-def _node_path(node: DictConfig, name: str) -> str:
-    """`callbacks.samples` for the node `samples` of `callbacks` (its full key in the config)."""
-    key = node._get_full_key(None) if hasattr(node, "_get_full_key") else ""
-    return key or name

@@ -183,9 +183,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, its products (forward and backward) through oneDNN where
     `uses_onednn` and autocast is off; `F.linear` everywhere else (under autocast, compile,
     on other dtypes, devices and CPUs), so bf16 and compiled runs are unchanged."""
-    if torch.is_autocast_enabled(x.device.type) or not uses_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    if bias is not None and not uses_onednn(bias):
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_autocast_enabled(x.device.type) or not uses_onednn(*tensors):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.size(-1))
     return _Linear.apply(rows, weight, bias).view(*x.shape[:-1], weight.size(0))

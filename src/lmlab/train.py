@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> dict:
         cfg.trainer,
         precision=precision.precision,
         callbacks=[
-            *instantiate_each(cfg.get("callbacks")),
+            *instantiate_each(cfg, "callbacks"),
             *run_callbacks(plugins),
             *([CompileWherePays(datamodule.cache_root)] if cfg.compile == AUTO else []),
             SameConfigOnAllRanks(cfg),
@@ -102,7 +102,7 @@ def main(cfg: DictConfig) -> dict:
                 checkpoint_metadata(model_config, tokenizer.words, tokenizer.to_dict()),
             ),
         ],
-        logger=instantiate_each(cfg.get("logger")) or False,
+        logger=instantiate_each(cfg, "logger") or False,
         plugins=plugins,
     )
     log_config(trainer.loggers, cfg)
