@@ -73,34 +73,24 @@ def lmlab_run(
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module | None:
-    """Hugging Face's model of `model`'s shapes (randomly initialised), or None without transformers."""
+    """Hugging Face's model of `model`'s shapes (randomly initialised), or None without
+    transformers: the config `generate.py export=` writes (`lmlab.hf.hf_config_values`; gpt
+    with exact GELU, as lmlab's MLP), with no eos, so that nothing stops early, as in the
+    lmlab runs."""
     try:
         import transformers
     except ImportError:
         return None
-    if isinstance(model, LlamaLM):
-        from lmlab.hf import hf_config_values
+    from lmlab.hf import hf_config_values
 
-        config = transformers.LlamaConfig(**hf_config_values(model.config))
-        reference = transformers.LlamaForCausalLM(config).eval()
-        reference.generation_config.eos_token_id = None  # as below: nothing stops early
+    values = hf_config_values(model.config)
+    if model.config.family == "llama":
+        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**values))
     else:
-        small = PRESETS["small"]
-        config = transformers.GPT2Config(
-            n_layer=small["n_layer"],
-            n_embd=small["n_embd"],
-            n_head=small["n_head"],
-            vocab_size=VOCAB_SIZE,
-            n_positions=BLOCK_SIZE,
-            activation_function="gelu",  # exact GELU, as lmlab's MLP
-            # GPT-2's default ids (50256) lie outside this vocabulary; without an eos nothing
-            # stops early, as in the lmlab runs.
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        reference = transformers.GPT2LMHeadModel(config).eval()
+        reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(**values))
+    reference.generation_config.eos_token_id = None
     reference.generation_config.pad_token_id = 0
-    return reference
+    return reference.eval()
 
 
 def hf_run(model: torch.nn.Module, case: Case, prompt: torch.Tensor) -> Callable[[int], object]:
