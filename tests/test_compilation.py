@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lmlab.compilation import (
     Measurement,
     compile_pays,
     decide,
+    measure,
 )
 
 from conftest import quiet_trainer, random_batches, tiny_gpt_module
@@ -95,6 +97,25 @@ def test_a_family_that_does_not_compile_is_never_measured(tmp_path: Path) -> Non
     _fit(module, tmp_path, choice, TimeBudget(seconds=10 * MIN_RUN_SECONDS))
     assert not choice.choice.compile
     assert choice.choice.reason == "the gpt family does not compile to one graph"
+
+
+def test_measuring_eager_steps_leaves_the_model_as_it_was_and_copies_no_weight() -> None:
+    module = tiny_gpt_module(32, 1e-3)
+    model = module.model.train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    # A copy would hold every weight twice at the run's first step (its peak, for a large
+    # vocabulary): the eager steps run on the model itself.
+    model.__deepcopy__ = lambda memo: pytest.fail("the eager measurement copied the model")
+    batch = next(iter(random_batches(1, vocab=32, seed=0)))  # a DataLoader draws a seed
+    rng = torch.random.get_rng_state()
+
+    measured = measure(model, batch, contextlib.nullcontext, compiled=False)
+
+    assert measured.eager_step > 0 and measured.compiled_step == measured.eager_step
+    assert all(p.grad is None for p in model.parameters())  # no gradient left for step 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert torch.equal(torch.random.get_rng_state(), rng)  # dropout drew from a forked RNG
 
 
 @pytest.mark.slow  # two compiles of a tiny model: about 10 s on 2 CPU cores
