@@ -141,9 +141,10 @@ def test_record_matches_the_checkpoints_and_tensorboard(console_run):
     assert curves.val_step == [s + 1 for s, _ in tb_val]
     assert curves.val_ppl == pytest.approx([v for _, v in tb_val])
     # train/ scalars come from the steps whose logs Lightning writes (every 5th: conftest's
-    # trainer.log_every_n_steps), each with that step's own loss and learning rate
+    # trainer.log_every_n_steps, and the last, where the run stops to validate), each with
+    # that step's own loss and learning rate
     logged_steps = [step + 1 for step, _ in scalars["train/loss"]]
-    assert logged_steps and logged_steps == [s for s in curves.train_step if s % 5 == 0]
+    assert steps % 5 and logged_steps == [s for s in curves.train_step if s % 5 == 0] + [steps]
     recorded = dict(zip(curves.train_step, curves.train_loss))
     for step, value in scalars["train/loss"]:
         assert recorded[step + 1] == pytest.approx(value, rel=1e-5)

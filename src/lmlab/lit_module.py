@@ -4,6 +4,7 @@ logging, the optimizer, and the state carried through the contiguous data order.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -60,6 +61,7 @@ class LanguageModel(L.LightningModule):
         self.test_ppl = Perplexity()
         # word-level perplexity and bits per character (val/word_ppl, val/bpc), any tokenizer
         self._units: UnitCounts | None = None  # built at the first validation or test batch
+        self._step_lr: float | None = None  # the learning rate of the step being made
         self.val_text = TextScores()
         self.test_text = TextScores()
 
@@ -88,11 +90,26 @@ class LanguageModel(L.LightningModule):
         # Only on the steps whose logs Lightning writes (every trainer.log_every_n_steps):
         # the two self.log calls cost ~1.4 ms of Python, 0.6% of a `small` step on 2 CPU cores.
         # RunRecorder records every step's loss from the returned value anyway.
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        if self._writes_logs_at(self.global_step + 1):  # the step this batch makes
+            self._log_training(loss, self._step_lr)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning also writes a step's logs when the run stops there (trainer.should_stop:
+        # its last step, a time budget, a signal; set by the callbacks, which run before
+        # this hook). Logged here, that step's own loss and learning rate (the scheduler
+        # has stepped already) are written, not the last ones training_step logged again.
+        if self.trainer.should_stop and not self._writes_logs_at(self.global_step):  # made
+            self._log_training(outputs["loss"], self._step_lr)
+
+    def _writes_logs_at(self, steps_done: int) -> bool:
+        every = self.trainer.log_every_n_steps
+        return bool(every) and steps_done % every == 0
+
+    def _log_training(self, loss: Tensor, lr: float | None) -> None:
+        self.log("train/loss", loss, prog_bar=True)
+        if lr is not None:
+            self.log("train/lr", lr)
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # The first batch of an optimizer step (of its accumulation window) drops the last
@@ -104,6 +121,8 @@ class LanguageModel(L.LightningModule):
         if self.automatic_optimization and batch_idx % self.trainer.accumulate_grad_batches == 0:
             for optimizer in self.trainer.optimizers:
                 optimizer.zero_grad(set_to_none=True)
+        optimizers = self.trainer.optimizers
+        self._step_lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._score(batch, "val", self.val_ppl, self.val_text)

@@ -72,7 +72,7 @@ def record_result(train: Callable[[DictConfig], dict[str, Any]]) -> Callable[[Di
             else:
                 result.update(train(cfg))
                 best = result.get("best_val_ppl")
-                ok = best is None or is_number(best)  # None: no validation ran (max_steps)
+                ok = best is None or is_number(best)  # None: no validation ran
                 if not ok:
                     result["error"] = (
                         f"best val/ppl is {result.get('best_val_ppl')}: training diverged "

@@ -124,7 +124,9 @@ def main(cfg: DictConfig) -> dict:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
         test_ppl = results[0]["test/ppl"] if results else math.nan
 
-    best_ppl = (  # None when no validation ran (e.g. trainer.max_steps before the first one)
+    # None when no validation ran (trainer.limit_val_batches=0, or
+    # callbacks.final_validation=null and trainer.max_steps before the first one)
+    best_ppl = (
         float(checkpoint.best_model_score)
         if checkpoint and checkpoint.best_model_score is not None
         else None
