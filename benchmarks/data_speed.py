@@ -18,8 +18,10 @@ in this process; and a real training run (`python train.py model=small data=text
 steps from the store, default precision, sanity validation, callbacks; no logger, no test),
 each with its wall time and peak resident memory. The same training run on a corpus of N / 100
 words with the same vocabulary (each split starts with every word once, in lines of 20) shows
-what of that memory the corpus accounts for; the model's training state (float32 weights,
-their gradient and AdamW's two moments: 16 bytes a parameter) is printed beside it.
+what of that memory the corpus accounts for; the same run with `optimizer=adafactor`, what
+the optimizer's state accounts for. The model's training state is printed beside them
+(float32 weights and gradient, and AdamW's two moments: 16 bytes a parameter; 8 with
+Adafactor, whose factored second moment is a row and a column per matrix).
 """
 
 from __future__ import annotations
@@ -112,9 +114,10 @@ def in_fresh_process(data_dir: str, cache: str) -> tuple[float, float]:
     return result
 
 
-def training_run(data_dir: str, cache: str, run_dir: str) -> tuple[float, float]:
+def training_run(data_dir: str, cache: str, run_dir: str, *overrides: str) -> tuple[float, float]:
     """`python train.py model=small data=text ...` for TRAIN_STEPS steps, as a user runs it
-    (its imports, sanity validation, callbacks, the default precision); (seconds, peak MiB)."""
+    (its imports, sanity validation, callbacks, the default precision), with `overrides`;
+    (seconds, peak MiB)."""
     files = [f"data.files.{split}={name}" for split, name in SYNTHETIC.items()]
     command = [
         sys.executable,
@@ -125,10 +128,13 @@ def training_run(data_dir: str, cache: str, run_dir: str) -> tuple[float, float]
         *files,
         f"data.cache_dir={cache}",
         f"trainer.max_steps={TRAIN_STEPS}",
+        # the training process, not a validation of N / 100 words at its last step
+        "callbacks.final_validation=null",
         "trainer.enable_progress_bar=false",
         "test=false",
         "logger=none",
         f"hydra.run.dir={run_dir}",
+        *overrides,
     ]
     log = Path(run_dir).with_suffix(".stderr")  # a file, not a pipe nobody reads while it runs
     start = time.perf_counter()
@@ -171,11 +177,13 @@ def serving(store: Path, batches: int = SERVED_BATCHES) -> dict[str, tuple[float
     return results
 
 
-def training_state_mib(vocab_size: int) -> float:
-    """The `small` model's float32 weights, gradient and two AdamW moments, in MiB."""
+def training_state_mib(vocab_size: int, bytes_per_parameter: int) -> float:
+    """The `small` model's training state at `bytes_per_parameter`, in MiB: 16 for float32
+    weights, gradient and AdamW's two moments; 8 for Adafactor's (its factored second
+    moment is a row and a column per matrix, a few MiB)."""
     with torch.device("meta"):
         model = GPTLM(GPTConfig(vocab_size=vocab_size, block_size=64, **PRESETS["small"]))
-    return 16 * sum(p.numel() for p in model.parameters()) / 2**20
+    return bytes_per_parameter * sum(p.numel() for p in model.parameters()) / 2**20
 
 
 def synthetic(words: int, vocab: int) -> None:
@@ -188,6 +196,7 @@ def synthetic(words: int, vocab: int) -> None:
         (store,) = Path(cache).glob("*/train.npy")
         served = serving(store)
         train = training_run(folder, cache, str(Path(folder) / "run"))
+        lean = training_run(folder, cache, str(Path(folder) / "lean"), "optimizer=adafactor")
         (words_file,) = Path(cache).glob("*/vocab.json")
         vocab_size = len(json.loads(words_file.read_text())["words"])
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
@@ -202,12 +211,13 @@ def synthetic(words: int, vocab: int) -> None:
     for name, (seconds, peak) in (
         ("prepare cold (empty cache), fresh process", cold),
         ("prepare warm (from cache), fresh process", warm),
-        (f"train.py model=small, {TRAIN_STEPS} steps", train),
-        (f"  the same, {words // 100:,} words", small_corpus),
+        (f"train.py model=small, {TRAIN_STEPS} steps (AdamW)", train),
+        ("  the same, optimizer=adafactor", lean),
+        (f"  AdamW on {words // 100:,} words", small_corpus),
     ):
         print(f"{name:44} {seconds:10.2f} {peak:10.0f}")
-    state = training_state_mib(vocab_size)
-    print(f"{'  of which the model (weights, grad, 2 moments)':44} {'':>10} {state:10.0f}")
+    for name, size in (("AdamW: weights, grad, 2 moments", 16), ("Adafactor: weights, grad", 8)):
+        print(f"{'  state, ' + name:44} {'':>10} {training_state_mib(vocab_size, size):10.0f}")
     print(f"\nthe training split's store, {SERVED_BATCHES:,} shuffled batches of 32 x 64 ids")
     print(f"{'read from':44} {'us/batch':>10} {'file MiB':>10}")
     print("-" * 66)

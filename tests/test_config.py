@@ -50,7 +50,7 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, corpus_dir):
     "group, options",
     [
         ("model", sorted(PRESETS)),  # gpt, llama and lstm sizes: every conf/model file
-        ("optimizer", ["adamw", "sgd"]),
+        ("optimizer", ["adamw", "sgd", "adafactor"]),
         ("scheduler", ["cosine", "constant"]),
         ("trainer", ["default", "cpu", "gpu"]),
         ("logger", ["tensorboard", "csv", "none"]),
@@ -64,6 +64,17 @@ def test_every_group_option_composes(group, options, tmp_path):
         if group == "model":  # and the network of each family builds from it
             words = ["<eos>", "<unk>", "a", "b"]
             LanguageModel(instantiate(cfg.model, vocab_size=4), words, instantiate(cfg.optimizer))
+
+
+def test_the_adafactor_recipe_is_ptb_5min_with_adafactor_at_its_own_step_cap(tmp_path, corpus_dir):
+    recipe, base = (
+        compose_train([f"experiment={name}", f"data.data_dir={corpus_dir}"], tmp_path)
+        for name in ("ptb_5min_adafactor", "ptb_5min")
+    )
+    assert recipe.optimizer._target_ == "torch.optim.Adafactor"
+    assert (recipe.optimizer.lr, recipe.optimizer.weight_decay) == (0.1, 0.0)  # not AdamW's
+    for group in ("model", "data", "scheduler", "trainer", "callbacks", "seed"):
+        assert recipe[group] == base[group], group
 
 
 def test_logger_none_gives_no_logger(tmp_path):

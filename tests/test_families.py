@@ -7,11 +7,14 @@ Family-specific behaviour is in test_gpt.py, test_llama.py and test_lstm.py.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from lmlab.checkpoint import checkpoint_metadata, export, load_model
@@ -25,6 +28,7 @@ from lmlab.vocab import Vocabulary
 
 TINY = ["tiny", "llama_tiny", "lstm_tiny"]
 VOCAB = 50
+CONF = Path(__file__).resolve().parents[1] / "conf"
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
 
 
@@ -104,6 +108,27 @@ def test_a_tiny_model_overfits_one_batch_through_the_training_step(name: str) ->
         WORDS,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     )
+    losses = _train_on_one_batch(module)
+    assert losses[0] > 3.5  # about log(50) at initialisation
+    assert losses[-1] < 0.2
+
+
+def test_adafactor_as_configured_overfits_one_batch() -> None:
+    # conf/optimizer/adafactor.yaml as a run instantiates it, over lmlab's two parameter
+    # groups (weight decay on matrices only)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["optimizer=adafactor", "paths.output_dir=unused"])
+    torch.manual_seed(0)
+    module = LanguageModel(
+        preset("tiny", vocab_size=VOCAB, block_size=16), WORDS, instantiate(cfg.optimizer)
+    )
+    losses = _train_on_one_batch(module)
+    assert losses[0] > 3.5
+    assert losses[-1] < 0.2
+
+
+def _train_on_one_batch(module: LanguageModel, steps: int = 150) -> list[float]:
+    """The training loss of each of `steps` steps on one fixed batch."""
     batch = (tokens((4, 16)), tokens((4, 16), seed=2))
     losses = []
 
@@ -113,16 +138,15 @@ def test_a_tiny_model_overfits_one_batch_through_the_training_step(name: str) ->
 
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=150,
+        max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[Record()],
     )
-    trainer.fit(module, train_dataloaders=DataLoader([batch] * 150, batch_size=None))
-    assert losses[0] > 3.5  # about log(50) at initialisation
-    assert losses[-1] < 0.2
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
+    return losses
 
 
 @pytest.mark.parametrize("name", TINY)

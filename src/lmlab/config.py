@@ -93,6 +93,10 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("optimizer.momentum", NUMBER, is_number),
     ("optimizer.momentum", "in [0, 1)", _in(0, 1, high_open=True)),
     ("optimizer.betas", "two numbers in [0, 1)", _probability_pair),
+    ("optimizer.beta2_decay", NUMBER, is_number),  # Adafactor's
+    ("optimizer.beta2_decay", "<= 0", _in(-math.inf, 0)),
+    ("optimizer.d", NUMBER, is_number),
+    ("optimizer.d", ">= 1", _in(1, math.inf)),
     ("data.seq_len", POSITIVE, _int(1)),
     ("data.batch_size", POSITIVE, _int(1)),
     ("data.eval_batch_size", f"{POSITIVE} or null", _or_null(_int(1))),
