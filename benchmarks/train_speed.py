@@ -35,6 +35,7 @@ from lmlab.data import BatchLoader, BlockBatches, TokenBlocks
 from lmlab.lit_module import LanguageModel
 from lmlab.machine import machine_line
 from lmlab.models.gpt import GPTLM, PRESETS, GPTConfig
+from lmlab.models.interface import compile_blocks
 from lmlab.precision import choose_precision
 
 VOCAB_SIZE = 10_000
@@ -121,7 +122,7 @@ def plain_loop(variant: Variant, warmup: int, steps: int) -> float:
     torch.manual_seed(0)
     model = GPTLM(model_config()).train()
     if variant.compile:
-        model.compile()
+        compile_blocks(model)
     optimizer = optimizer_factory(variant.fused)(model.parameters())
     blocks = TokenBlocks(token_stream((warmup + steps) * BATCH_SIZE * SEQ_LEN + 1), SEQ_LEN, False)
     autocast = (

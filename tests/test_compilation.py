@@ -99,23 +99,39 @@ def test_a_family_that_does_not_compile_is_never_measured(tmp_path: Path) -> Non
     assert choice.choice.reason == "the gpt family does not compile to one graph"
 
 
-def test_measuring_eager_steps_leaves_the_model_as_it_was_and_copies_no_weight() -> None:
+@pytest.mark.parametrize(
+    "compiled",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # a compile of a tiny model: ~5 s
+    ids=["eager", "compiled"],
+)
+def test_measuring_leaves_the_model_as_it_was_and_copies_no_weight(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     module = tiny_gpt_module(32, 1e-3)
     model = module.model.train()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    # A copy would hold every weight twice at the run's first step (its peak, for a large
-    # vocabulary): the eager steps run on the model itself.
-    model.__deepcopy__ = lambda memo: pytest.fail("the eager measurement copied the model")
     batch = next(iter(random_batches(1, vocab=32, seed=0)))  # a DataLoader draws a seed
     rng = torch.random.get_rng_state()
+    # A copy of a weight would hold it twice at the run's first step (its peak, for a
+    # large vocabulary): every step runs on the model's own tensors.
+    for kind in (torch.Tensor, torch.nn.Parameter):
+        monkeypatch.setattr(kind, "__deepcopy__", lambda *_: pytest.fail("a tensor was copied"))
 
-    measured = measure(model, batch, contextlib.nullcontext, compiled=False)
+    measured = measure(model, batch, contextlib.nullcontext, compiled=compiled)
+    monkeypatch.undo()
 
-    assert measured.eager_step > 0 and measured.compiled_step == measured.eager_step
+    assert measured.eager_step > 0 and measured.compiled_step > 0
+    assert (measured.compiled_step == measured.eager_step) != compiled
     assert all(p.grad is None for p in model.parameters())  # no gradient left for step 1
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert torch.equal(torch.random.get_rng_state(), rng)  # dropout drew from a forked RNG
+    traced = []
+    model.blocks[0].register_forward_pre_hook(
+        lambda *_: traced.append(torch.compiler.is_compiling())
+    )
+    model(*batch)
+    assert traced == [False]  # the model itself stays eager
 
 
 @pytest.mark.slow  # two compiles of a tiny model: about 10 s on 2 CPU cores

@@ -1,4 +1,4 @@
-"""`compile=auto`: torch.compile the model where it pays back, eager where it does not.
+"""`compile=auto`: torch.compile the model's blocks where it pays back, eager where it does not.
 
 Compiling costs tens of seconds once per run and is repaid only by faster steps,
 and how much faster depends on the machine, the precision and the model's
@@ -13,8 +13,8 @@ decides per run:
    backward passes of the model, milliseconds for a test model). A run shorter than
    `MIN_RUN_SECONDS` runs eager without measuring anything more.
 3. A measurement at the run's batch shape and precision: training steps
-   (forward and backward) of the model eager and of a compiled copy, and the
-   compile's own time. It is cached in `compile.json` in the data cache folder, keyed by
+   (forward and backward) of the model eager and compiled as a run compiles it
+   (each block: `lmlab.models.interface.compile_blocks`), and the compile's own time. It is cached in `compile.json` in the data cache folder, keyed by
    CPU (or GPU) model, torch version, thread count, precision and shapes, so
    it is paid once per machine and shape.
 4. Compile when the compiled run does the eager run's work at least
@@ -51,6 +51,7 @@ from torch import nn
 from lmlab.budget import TimeBudget
 from lmlab.humanize import format_duration
 from lmlab.machine_cache import MachineCache, machine_key
+from lmlab.models.interface import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +147,25 @@ def measure(
     autocast: Callable[[], AbstractContextManager[Any]],
     compiled: bool,
 ) -> Measurement:
-    """Training steps of `model` eager, and with `compiled` of a compiled copy of it too.
+    """Training steps of `model` eager, and with `compiled` compiled as a run compiles it too.
 
     `model` ends as it began: no step changes a weight (there is no optimizer
     step), each step's gradients are dropped, and dropout draws from a forked RNG,
-    so the run computes what it would have without the measurement. The eager steps
-    run on `model` itself, not on a copy: a copy would hold the weights twice at
-    the run's first step (244 MiB more for `small` at a 250,000-word vocabulary,
-    the run's peak). Called before the first training step, when no gradient is held.
+    so the run computes what it would have without the measurement. Both run on
+    `model`'s own weights, not on a copy of them, which would hold them twice at
+    the run's first step (250 MiB more for `small` at a 250,000-word vocabulary,
+    the run's peak): the compiled steps run on a copy of the modules that shares
+    every parameter and buffer, so `model` itself stays eager. Called before the
+    first training step, when no gradient is held.
     """
     devices = [batch[0].device] if batch[0].device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # dropout draws no run's numbers
         _, eager = time_steps(model, batch, autocast)
         if not compiled:
             return Measurement(eager, eager, 0.0)
-        trial = copy.deepcopy(model)  # compiled in place: the run's model stays as it is
-        trial.compile()
+        tensors = [*model.parameters(), *model.buffers()]
+        trial = copy.deepcopy(model, memo={id(t): t for t in tensors})  # the same tensors
+        compile_blocks(trial)
         warm, fast = time_steps(trial, batch, autocast)
     return Measurement(eager, fast, max(0.0, warm - WARMUP_STEPS * fast))
 
@@ -196,7 +200,7 @@ class CompileWherePays(Callback):
         self.choice = trainer.strategy.broadcast(choice, src=0)
         log.info("compile %s: %s", str(self.choice.compile).lower(), self.choice.reason)
         if self.choice.compile:
-            pl_module.model.compile()  # in place, so state_dict keys stay clean
+            compile_blocks(pl_module.model)  # in place: state_dict keys stay clean
 
     def choose(
         self,
@@ -212,7 +216,9 @@ class CompileWherePays(Callback):
             name = type(trainer.strategy).__name__
             return CompileChoice(False, f"{name}: auto compiles single-device and DDP runs only")
         autocast = trainer.precision_plugin.forward_context
-        shape = f"{describe(model)} | batch {'x'.join(map(str, batch[0].shape))}"
+        # "per block": what is compiled is part of what was measured (a whole-model compile,
+        # measured before 2026-12-08, is another speed)
+        shape = f"{describe(model)} | batch {'x'.join(map(str, batch[0].shape))} | per block"
         key = machine_key(str(trainer.precision), shape, device=batch[0].device)
         measured, how = read_measurements(self.cache).get(key), "cached"
         if measured is None:

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from lmlab.checkpoint import METADATA_KEY, checkpoint_metadata
 from lmlab.metrics import Perplexity, TextScores, UnitCounts
 from lmlab.models import ModelConfig, build_model
-from lmlab.models.interface import State
+from lmlab.models.interface import State, compile_blocks
 from lmlab.tokenizers import tokenizer_from_dict
 
 # What FSDPStrategy (FSDP1) puts in the names of the parameters it wraps.
@@ -52,7 +52,7 @@ class LanguageModel(L.LightningModule):
         # objects with DTensors (so an id() kept from here could be reused by another).
         self._no_decay = {n for n, p in self.model.named_parameters() if p.dim() < 2}
         if compile:
-            self.model.compile()  # in place, so state_dict keys stay clean
+            compile_blocks(self.model)  # in place, so state_dict keys stay clean
         self.vocab_words = list(vocab_words)
         self.tokenizer = dict(tokenizer or {"kind": "word"})
         self.optimizer_factory = optimizer
