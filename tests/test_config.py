@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -75,6 +76,13 @@ def test_the_adafactor_recipe_is_ptb_5min_with_adafactor_at_its_own_step_cap(tmp
     assert (recipe.optimizer.lr, recipe.optimizer.weight_decay) == (0.1, 0.0)  # not AdamW's
     for group in ("model", "data", "scheduler", "trainer", "callbacks", "seed"):
         assert recipe[group] == base[group], group
+
+
+def test_adafactors_pair_of_epsilons_is_accepted(tmp_path):
+    cfg = compose_train(["optimizer=adafactor", "+optimizer.eps=[null,0.001]"], tmp_path)
+    check_train_config(cfg)
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2, 2))])
+    assert optimizer.defaults["eps"] == [None, 0.001]
 
 
 def test_logger_none_gives_no_logger(tmp_path):

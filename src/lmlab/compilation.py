@@ -10,13 +10,14 @@ decides per run:
    LSTM, whose oneDNN kernel dynamo leaves to eager) runs eager.
 2. The run's length: its time budget (`callbacks.budget.seconds`), else its
    planned optimizer steps at the measured eager speed (a few forward and
-   backward passes of the model, milliseconds for a test model). A run shorter than
-   `MIN_RUN_SECONDS` runs eager without measuring anything more.
+   backward passes of the model, milliseconds for a test model). A run shorter
+   than `MIN_RUN_SECONDS` runs eager without measuring anything more.
 3. A measurement at the run's batch shape and precision: training steps
    (forward and backward) of the model eager and compiled as a run compiles it
-   (each block: `lmlab.models.interface.compile_blocks`), and the compile's own time. It is cached in `compile.json` in the data cache folder, keyed by
-   CPU (or GPU) model, torch version, thread count, precision and shapes, so
-   it is paid once per machine and shape.
+   (each block: `lmlab.models.interface.compile_blocks`), and the compile's own
+   time. It is cached in `compile.json` in the data cache folder, keyed by CPU
+   (or GPU) model, torch version, thread count, precision and shapes, so it is
+   paid once per machine and shape.
 4. Compile when the compiled run does the eager run's work at least
    `MIN_GAIN` times sooner, compile time included (a time budget: when the
    steps it then fits are at least `MIN_GAIN` times as many).

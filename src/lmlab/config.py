@@ -57,6 +57,18 @@ def _interval(value: Any) -> bool:
     return (is_int(value) and value >= 1) or (is_number(value) and 0 < value <= 1)
 
 
+def _epsilon(value: Any) -> bool:
+    """AdamW's and SGD's one epsilon, or Adafactor's two (the first may be None)."""
+    if is_number(value):
+        return value > 0
+    if isinstance(value, (list, tuple, ListConfig)) and len(value) == 2:
+        first, second = value
+        return (first is None or (is_number(first) and first >= 0)) and (
+            is_number(second) and second >= 0
+        )
+    return False
+
+
 def _probability_pair(value: Any) -> bool:
     return len(value) == 2 and all(is_number(v) and 0 <= v < 1 for v in value)
 
@@ -88,8 +100,11 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("optimizer.lr", "> 0", _in(0, math.inf, low_open=True)),
     ("optimizer.weight_decay", NUMBER, is_number),
     ("optimizer.weight_decay", ">= 0", _in(0, math.inf)),
-    ("optimizer.eps", NUMBER, is_number),
-    ("optimizer.eps", "> 0", _in(0, math.inf, low_open=True)),
+    (
+        "optimizer.eps",
+        "a number > 0 (Adafactor's: a pair [eps1 or null, eps2] of numbers >= 0)",
+        _epsilon,
+    ),
     ("optimizer.momentum", NUMBER, is_number),
     ("optimizer.momentum", "in [0, 1)", _in(0, 1, high_open=True)),
     ("optimizer.betas", "two numbers in [0, 1)", _probability_pair),
