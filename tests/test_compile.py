@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.models import build_model
+from lmlab.lit_module import LanguageModel
+from lmlab.models import build_model, preset
 from lmlab.models.gpt import GPTConfig
 from lmlab.models.interface import compile_blocks
 from lmlab.models.llama import LlamaConfig
@@ -46,3 +47,18 @@ def test_each_compiled_block_is_one_graph_and_new_batches_do_not_recompile(famil
         torch.compiler.set_stance("default")
     assert all(loss == loss and loss > 0 for loss in losses)
     assert list(model.state_dict()) == keys  # compiled in place: checkpoint keys stay clean
+
+
+def test_compile_true_on_a_family_without_blocks_compiles_it_whole():
+    # the LSTM has no `blocks` (compile=auto never compiles it; compile=true still may)
+    torch.manual_seed(0)
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(58)]
+    config = preset("lstm_tiny", vocab_size=60, block_size=16)
+    eager = LanguageModel(config, words, optimizer=torch.optim.SGD)
+    torch.manual_seed(0)
+    compiled = LanguageModel(config, words, optimizer=torch.optim.SGD, compile=True)
+    idx, targets = torch.randint(0, 60, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    eager.model.eval(), compiled.model.eval()
+    with torch.no_grad():
+        expected = eager.model(idx, targets=targets)
+        assert torch.allclose(compiled.model(idx, targets=targets), expected, atol=1e-5)

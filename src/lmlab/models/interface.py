@@ -78,7 +78,8 @@ class CarriedState(State, Protocol):
 
 
 def compile_blocks(model: torch.nn.Module, **options: Any) -> None:
-    """torch.compile each of `model.blocks` in place (torchtitan's way), not the whole model.
+    """torch.compile each of `model.blocks` in place (torchtitan's way), not the whole model;
+    a family without blocks (the LSTM, `compiles = False`) is compiled whole, as before.
 
     The embedding lookup and the output layer's chunked fused loss (lmlab.loss)
     stay eager. Compiled whole, the loss is traced into a graph that holds the
@@ -88,8 +89,8 @@ def compile_blocks(model: torch.nn.Module, **options: Any) -> None:
     (2026-12-08, AMD EPYC family 26, 2 cores; per block at PTB's vocabulary the
     steps ran as fast as the whole model's). In place, so state_dict keys stay clean.
     """
-    for block in model.blocks:
-        block.compile(**options)
+    for part in getattr(model, "blocks", None) or [model]:
+        part.compile(**options)
 
 
 class LanguageModelNet(Protocol):
