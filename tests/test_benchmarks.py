@@ -189,3 +189,19 @@ def test_train_speed_marks_the_row_compile_auto_would_run(monkeypatch):
     assert name == eager and "would not gain" in reason
     fp32_only = [v for v in variants if not v.compile]
     assert train_speed.default_variant(fp32_only, "32-true", speeds, warmups)[0] == "lightning fp32"
+
+
+@pytest.mark.slow  # two compiles of the small model, each in its own process: about 20 s
+def test_compile_memory_prints_each_variant_against_the_whole_model_compile():
+    result = run_entry_point("benchmarks/compile_memory.py", "--quick", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    rows = {line[:26].strip(): line[26:].split() for line in lines[4:]}
+    assert list(rows) == ["eager", "per block (lmlab)", "whole model (reference)"]
+    assert rows["whole model (reference)"][-1] == "1.000"
+    for first, step, peak, ratio in rows.values():
+        assert float(first) >= 0 and float(step) > 0 and float(peak) > 0
+        assert float(ratio) == pytest.approx(
+            float(peak) / float(rows["whole model (reference)"][2]), abs=2e-3
+        )

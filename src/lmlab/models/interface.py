@@ -83,11 +83,11 @@ def compile_blocks(model: torch.nn.Module, **options: Any) -> None:
 
     The embedding lookup and the output layer's chunked fused loss (lmlab.loss)
     stay eager. Compiled whole, the loss is traced into a graph that holds the
-    batch's (B, T, vocab) logits: for `small` at a 250,000-word vocabulary
-    (bf16 autocast, AdamW) a step peaked at 3,506 MiB compiled whole, 1,750 per
-    block and 1,713 eager, and the whole model took 31 s to compile against 4
-    (2026-12-08, AMD EPYC family 26, 2 cores; per block at PTB's vocabulary the
-    steps ran as fast as the whole model's). In place, so state_dict keys stay clean.
+    batch's (B, T, vocab) logits: for `small` at a 250,000-word vocabulary a step
+    peaked at 3,518 MiB compiled whole, 1,719 per block and 1,713 eager, and its
+    first step took 34.6 s against 3.7 (`benchmarks/compile_memory.py`,
+    2026-12-08, AMD EPYC family 26, 2 cores; benchmarks/results/
+    compile_memory_cpu_2026-12-08.md). In place, so state_dict keys stay clean.
     """
     for part in getattr(model, "blocks", None) or [model]:
         part.compile(**options)
